@@ -1,0 +1,20 @@
+# The two commands of README.md. Each sets up .venv on first use (torch pinned to the CPU wheel), then runs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,bench,deepspeed]"
+	touch $@
+
+demo: setup
+	$(BIN)/python engine/train.py --config configs/tiny_synthetic.json
+
+test: setup
+	$(BIN)/python -m pytest tests -q

@@ -1,0 +1,42 @@
+"""Entry point: `python engine/train.py --config X.json [--section.key=value ...]`, or under `deepspeed`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (`python engine/train.py`, the deepspeed launcher): repo on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description="V-JEPA pretraining", epilog="Any --section.key=value overrides "
+                                     "the config, e.g. --optimization.lr=1e-4 --data.datasets='[\"a.csv\"]'")
+    parser.add_argument("--config", help="JSON config (overrides of the paper's ViT-L/16 defaults)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    from engine.loop import train  # heavy imports only when training
+
+    train(cfg, local_rank=args.local_rank)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
