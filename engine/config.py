@@ -132,6 +132,7 @@ class MetaConfig:
     use_sdpa: bool = True  # reference key; attention always uses fused kernels
     dtype: str = "bfloat16"  # autocast dtype on GPU: bfloat16 | float16 | float32 (CPU always runs float32)
     max_steps: int | None = None  # (ours) stop after this many steps without changing any schedule
+    backend: str = "auto"  # (ours) torch | deepspeed | auto (deepspeed when started by its launcher)
 
 
 @dataclass
@@ -324,6 +325,9 @@ def validate(cfg: Config) -> None:
         (not cfg.data_aug.auto_augment and not cfg.data_aug.motion_shift and cfg.data_aug.reprob == 0.0,
          "data_aug.auto_augment / motion_shift / reprob are not supported in pretraining (every recipe turns them off)"),
         (cfg.meta.max_steps is None or cfg.meta.max_steps >= 0, "meta.max_steps must be >= 0 or null"),
+        (cfg.meta.backend in ("auto", "torch", "deepspeed"), "meta.backend must be auto, torch or deepspeed"),
+        (cfg.logging.log_every >= 1 and cfg.logging.checkpoint_every >= 1,
+         "logging.log_every and logging.checkpoint_every must be >= 1"),
     ]
     if m.model_name in VARIANTS:
         heads = m.pred_num_heads or m.num_heads or VARIANTS[m.model_name].heads

@@ -1,0 +1,202 @@
+"""The training loop: build, resume, iterate steps, log, checkpoint. The step itself is engine/step.py."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backends import DeepSpeedBackend, TorchBackend
+from .build import build_encoder, build_predictor, encoder_variant
+from .checkpoint import latest_path, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, save_resolved
+from .data.dataset import PretrainDataset, build_loader
+from .data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from .flops import TransformerDims, step_flops
+from .metrics import MetricsCSV, collapse_diagnostics
+from .packed_masks import MaskMaker
+from .schedules import Schedules
+from .step import Models, train_step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(use_deepspeed: bool, device: torch.device) -> tuple[int, int]:
+    """(rank, world size). DeepSpeed's launcher sets RANK/WORLD_SIZE/...; plain python gets a 1-rank group."""
+    if not use_deepspeed:
+        return 0, 1
+    import deepspeed
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def resolve_datasets(cfg: Config) -> list[str]:
+    """Index files of the run; a configured synthetic dataset is generated first when it is missing."""
+    if cfg.data.synthetic_root:
+        ensure_synthetic_dataset(cfg.data.synthetic_root, SyntheticSpec())
+    if not cfg.data.datasets:
+        raise ConfigError("data.datasets is empty: list index files ('<video path> <label>' per line)")
+    missing = [p for p in cfg.data.datasets if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"data.datasets: index file(s) not found: {', '.join(missing)}")
+    return list(cfg.data.datasets)
+
+
+def _dims(cfg: Config) -> tuple[TransformerDims, TransformerDims, int]:
+    v, m, d = encoder_variant(cfg), cfg.model, cfg.data
+    pred = TransformerDims(m.pred_embed_dim, m.pred_depth, int(m.pred_embed_dim * 4))
+    return TransformerDims(v.dim, v.depth, v.mlp_hidden), pred, 3 * d.tubelet_size * d.patch_size ** 2
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
+    """Pretrain; returns a summary (steps run, first and last logged loss, metrics path) for callers and tests."""
+    use_ds = cfg.meta.backend == "deepspeed" or (cfg.meta.backend == "auto" and local_rank is not None)
+    device = torch.device("cuda", local_rank or 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank, world = init_distributed(use_ds, device)
+    main = rank == 0
+    say = print if main else (lambda *a, **k: None)
+    folder = Path(cfg.logging.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index_files = resolve_datasets(cfg) if main else None
+    if use_ds and world > 1:  # rank 0 may have generated the synthetic set; the others wait for it
+        torch.distributed.barrier()
+    index_files = index_files or resolve_datasets(cfg)
+
+    # models: the target encoder starts as an exact copy of the context encoder
+    torch.manual_seed(cfg.meta.seed)
+    encoder, predictor = build_encoder(cfg).to(device), build_predictor(cfg).to(device)
+    target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+    models = Models(encoder, predictor, target_encoder)
+    backend = DeepSpeedBackend(encoder, predictor, cfg) if use_ds else TorchBackend(encoder, predictor, cfg)
+
+    # resume: the run folder's latest checkpoint, else an explicit starting checkpoint
+    opt = cfg.optimization
+    start_step = 0
+    ds_folder = str(folder / "deepspeed")
+    if use_ds:
+        state = backend.load(ds_folder)
+        if state is not None:
+            target_encoder.load_state_dict(state["target_encoder"])
+            start_step = state["step"]
+    else:
+        path = latest_path(folder, cfg.logging.write_tag)
+        if not path.is_file() and cfg.meta.load_checkpoint:
+            path = Path(cfg.meta.read_checkpoint or "")
+        if path.is_file() or cfg.meta.load_checkpoint:
+            state = load_checkpoint(path)
+            backend.load_state_dict(state)
+            target_encoder.load_state_dict(state["target_encoder"])
+            start_step = state["step"]
+    total_steps = opt.ipe * opt.epochs
+    stop = total_steps if cfg.meta.max_steps is None else min(total_steps, cfg.meta.max_steps)
+    if main:
+        save_resolved(cfg, folder / "config.json")
+    if start_step:
+        say(f"resuming {folder} at step {start_step}")
+    if start_step >= stop:
+        say(f"nothing to do: step {start_step} >= stop {stop}")
+        return {"steps": 0, "start_step": start_step, "first_loss": None, "last_loss": None, "folder": str(folder)}
+
+    # data: masks are built in the loader, so the step never waits on host work
+    b = cfg.data.batch_size
+    dataset = PretrainDataset(index_files, frames_per_clip=cfg.data.num_frames, frame_step=cfg.data.sampling_rate,
+                              num_clips=cfg.data.num_clips, crop_size=cfg.data.crop_size,
+                              random_resize_scale=cfg.data_aug.random_resize_scale,
+                              random_resize_aspect_ratio=cfg.data_aug.random_resize_aspect_ratio, seed=cfg.meta.seed)
+    make_masks = MaskMaker(cfg.mask, cfg.grid, cfg.meta.seed, cfg.data.mask_type)
+    loader = build_loader(dataset, global_batch_size=b * world, rank=rank, world_size=world, make_masks=make_masks,
+                          num_workers=cfg.data.num_workers, start_step=start_step, num_steps=stop - start_step,
+                          pin_memory=cfg.data.pin_mem and device.type == "cuda")
+    schedules = Schedules.from_config(opt)
+    enc_dims, pred_dims, patch_features = _dims(cfg)
+    metrics = MetricsCSV(folder / "metrics.csv") if main else None
+    num_gen = len(cfg.mask)
+    say(f"training {stop - start_step} steps ({start_step} -> {stop}) on {device}, world size {world}, "
+        f"batch {b}/rank, {cfg.num_tokens} tokens/clip, backend {'deepspeed' if use_ds else 'torch'}; logs: {folder}")
+
+    window_losses: list[torch.Tensor] = []
+    window_flops, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
+    first_loss = last_loss = None
+    for batch in loader:
+        step = batch.step
+        lr, wd, momentum = schedules.at(step)
+        clip = opt.clip_grad if step // opt.ipe > opt.warmup else None  # the reference clips after warmup epochs
+        log_now = step == start_step or (step + 1) % cfg.logging.log_every == 0 or step == stop - 1
+        masks = batch.masks.to(device, non_blocking=True)
+        out = train_step(models, backend, batch.video.to(device, non_blocking=True), masks, lr=lr, wd=wd,
+                         momentum=momentum, clip_grad=clip, loss_exp=cfg.loss.loss_exp, dtype=cfg.meta.dtype,
+                         keep_features=log_now)
+        window_losses.append(out.loss)
+        window_flops += step_flops(cfg.num_tokens, b, masks.context_packing.seqlens, masks.target_packing.seqlens,
+                                   enc_dims, pred_dims, patch_features).total
+
+        if log_now:
+            losses = torch.stack(window_losses).tolist()  # the only host sync of the loop
+            if not all(math.isfinite(v) for v in losses):
+                raise FloatingPointError(f"non-finite loss at step {step}: {losses} (last checkpoint intact)")
+            elapsed = time.perf_counter() - window_start
+            ctx_lens = masks.context_packing.seqlens
+            row: dict[str, Any] = {
+                "step": step + 1, "epoch": step // opt.ipe, "loss": sum(losses) / len(losses), "lr": lr, "wd": wd,
+                "momentum": momentum,
+                **{f"context_tokens_{g}": sum(ctx_lens[g * b:(g + 1) * b]) / b for g in range(num_gen)},
+                **{f"target_tokens_{g}": masks.targets_per_generator[g] / b for g in range(num_gen)},
+                "samples_per_s": len(losses) * b * world / elapsed,
+                "model_tflops_per_s": window_flops * world / elapsed / 1e12,
+                "enc_grad_norm": float(out.grad_norms[0]) if out.grad_norms else 0.0,
+                "pred_grad_norm": float(out.grad_norms[1]) if out.grad_norms else 0.0,
+                **collapse_diagnostics(out.target_features, out.predictions),
+                "elapsed_s": time.perf_counter() - run_start,
+            }
+            first_loss = row["loss"] if first_loss is None else first_loss
+            last_loss = row["loss"]
+            if metrics is not None:
+                metrics.write(row)
+            done = step + 1 - start_step
+            eta = (time.perf_counter() - run_start) / done * (stop - step - 1)
+            tokens = "/".join(f"{row[f'context_tokens_{g}']:.0f}" for g in range(num_gen))
+            say(f"step {step + 1}/{stop} | loss {row['loss']:.4f} | lr {lr:.2e} wd {wd:.3f} m {momentum:.5f} | "
+                f"ctx tokens/clip {tokens} of {cfg.num_tokens} | {row['samples_per_s']:.1f} clips/s "
+                f"{row['model_tflops_per_s'] * 1e3:.1f} GFLOP/s | target std {row['target_std_tokens']:.3f} "
+                f"rank {row['target_rank']:.1f} | eta {_format_eta(eta)}", flush=True)
+            window_losses, window_flops, window_start = [], 0, time.perf_counter()
+
+        if (step + 1) % cfg.logging.checkpoint_every == 0 or step == stop - 1:
+            _save(cfg, folder, ds_folder, backend, models, step + 1, world, lr, last_loss, use_ds, main)
+
+    say(f"done: {stop - start_step} steps in {_format_eta(time.perf_counter() - run_start)}, "
+        f"loss {first_loss:.4f} -> {last_loss:.4f}; checkpoint {folder}")
+    return {"steps": stop - start_step, "start_step": start_step, "first_loss": first_loss, "last_loss": last_loss,
+            "folder": str(folder)}
+
+
+def _save(cfg: Config, folder: Path, ds_folder: str, backend: Any, models: Models, next_step: int, world: int,
+          lr: float, loss: float | None, use_ds: bool, main: bool) -> None:
+    meta = {"step": next_step, "epoch": next_step // cfg.optimization.ipe, "loss": loss,
+            "batch_size": cfg.data.batch_size, "world_size": world, "lr": lr, "config": cfg.to_dict()}
+    if use_ds:  # collective: every rank writes its partition
+        backend.save(ds_folder, f"step{next_step}", {"target_encoder": models.target_encoder.state_dict(), **meta})
+    elif main:
+        save_checkpoint(latest_path(folder, cfg.logging.write_tag),
+                        {**backend.state_dict(), "target_encoder": models.target_encoder.state_dict(), **meta})

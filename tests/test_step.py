@@ -1,0 +1,126 @@
+"""The V-JEPA step: packed computation == per-generator dense computation (truncation on), loss weighting, EMA,
+parameter groups."""
+
+import copy
+
+import pytest
+import torch
+
+from engine.backends import TorchBackend, param_groups
+from engine.build import build_encoder, build_predictor
+from engine.config import load_config
+from engine.masks import sample_masks
+from engine.packed_masks import StepMasks
+from engine.step import Models, ema_update, forward_loss, jepa_loss, train_step
+from models import Packing
+
+from .conftest import ROOT
+
+
+def _models(cfg):
+    torch.manual_seed(0)
+    enc, pred = build_encoder(cfg), build_predictor(cfg)
+    with torch.no_grad():
+        for tok in pred.mask_tokens:
+            tok.normal_()  # distinct mask tokens so a generator mix-up would show
+    return Models(enc, pred, copy.deepcopy(enc).requires_grad_(False))
+
+
+def _cfg(*overrides):
+    return load_config(ROOT / "configs" / "tiny_synthetic.json", ["--data.batch_size=3", *overrides])
+
+
+def _reference_loss(models, video, mask_set, n):
+    """The reference's computation: per generator, the encoder on a dense [B, K_e] batch, the predictor on
+    [ctx ; mask tokens] per clip, LN(target) gathered at [B, K_p], mean |p - h|, averaged over generators."""
+    b = mask_set.batch_size
+    h = torch.nn.functional.layer_norm(models.target_encoder.forward_dense(video), (models.encoder.embed_dim,))
+    losses, c0, t0 = [], 0, 0
+    for g in range(mask_set.num_generators):
+        ke, kp = mask_set.context_seqlens[g * b], mask_set.target_seqlens[g * b]
+        ctx = mask_set.context_index[c0:c0 + b * ke]
+        tgt = mask_set.target_index[t0:t0 + b * kp]
+        c0, t0 = c0 + b * ke, t0 + b * kp
+        z = models.encoder(video, ctx, Packing.uniform(b, ke)).view(b, ke, -1)
+        pred = models.predictor
+        pos = pred.predictor_pos_embed[0]
+        preds = []
+        for i in range(b):
+            c_n, t_n = ctx[i * ke:(i + 1) * ke] % n, tgt[i * kp:(i + 1) * kp] % n
+            seq = torch.cat([pred.predictor_embed(z[i]) + pos[c_n], pred.mask_tokens[g][0] + pos[t_n]])
+            for blk in pred.predictor_blocks:
+                seq = blk(seq, Packing.uniform(1, len(seq)))
+            preds.append(pred.predictor_proj(pred.predictor_norm(seq))[ke:])
+        target = h.flatten(0, 1)[tgt].view(b, kp, -1)
+        losses.append((torch.stack(preds) - target).abs().mean())
+    return torch.stack(losses).mean()
+
+
+def test_packed_step_equals_per_generator_dense_with_truncation():
+    cfg = _cfg("--mask.truncate_to_batch_min=true")
+    models = _models(cfg)
+    video = torch.randn(3, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)
+    mask_set = sample_masks(cfg.mask, cfg.grid, 3, step=5, seed=1, first_sample_index=15)
+    assert len(set(mask_set.context_seqlens[:3])) == 1  # truncation made each generator's lengths equal
+    loss, _, _ = forward_loss(models, video, StepMasks.from_mask_set(mask_set), loss_exp=1.0, dtype="float32")
+    ref = _reference_loss(models, video, mask_set, cfg.num_tokens)
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
+    params = list(models.encoder.parameters()) + list(models.predictor.parameters())
+    params = [p for p in params if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    grads_ref = torch.autograd.grad(ref, params)
+    for p, g, r in zip(params, grads, grads_ref):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+
+
+def test_jepa_loss_weights_generators_equally():
+    pred = torch.zeros(5, 2)
+    target = torch.tensor([[1.0, 1.0], [3.0, 3.0], [2.0, 2.0], [2.0, 2.0], [2.0, 2.0]])
+    # generator 0: rows 0-1, mean |d| = 2; generator 1: rows 2-4, mean 2 -> 2 (a row-weighted mean would also be 2)
+    assert jepa_loss(pred, target, (2, 3), 1.0).item() == pytest.approx(2.0)
+    # generator 0 mean 2, generator 1 (rows 2-4 set to 5) mean 5 -> (2 + 5) / 2 = 3.5; row-weighted would be 3.8
+    target[2:] = 5.0
+    assert jepa_loss(pred, target, (2, 3), 1.0).item() == pytest.approx(3.5)
+    # loss_exp 2: mean(d^2) / 2 per generator: (5 + 25) / 2 / 2 = 7.5
+    assert jepa_loss(pred, target, (2, 3), 2.0).item() == pytest.approx(7.5)
+
+
+def test_ema_update_formula():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.9 * p.detach() + 0.1 * q.detach() for p, q in zip(a.parameters(), b.parameters())]
+    ema_update(a, b, 0.9)
+    for p, e in zip(a.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e)
+
+
+def test_param_groups_follow_the_reference():
+    cfg = _cfg()
+    models = _models(cfg)
+    groups = param_groups(models.encoder, models.predictor)
+    assert len(groups) == 4 and [g.get("WD_exclude", False) for g in groups] == [False, False, True, True]
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert id(models.predictor.mask_tokens[0]) in ids(groups[1]["params"])  # 3-D: weight-decayed
+    assert id(models.encoder.patch_embed.proj.weight) in ids(groups[0]["params"])
+    assert id(models.encoder.blocks[0].norm1.weight) in ids(groups[2]["params"])
+    assert id(models.predictor.predictor_proj.bias) in ids(groups[3]["params"])
+    total = sum(len(g["params"]) for g in groups)
+    assert total == len(list(models.encoder.parameters())) + len(list(models.predictor.parameters()))
+
+
+def test_train_step_updates_online_and_target():
+    cfg = _cfg()
+    models = _models(cfg)
+    backend = TorchBackend(models.encoder, models.predictor, cfg)
+    video = torch.randn(3, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)
+    masks = StepMasks.from_mask_set(sample_masks(cfg.mask, cfg.grid, 3, step=0, seed=0, first_sample_index=0))
+    before_online = models.encoder.blocks[0].attn.qkv.weight.detach().clone()
+    before_target = models.target_encoder.blocks[0].attn.qkv.weight.detach().clone()
+    out = train_step(models, backend, video, masks, lr=1e-3, wd=0.04, momentum=0.5, clip_grad=1.0, loss_exp=1.0,
+                     dtype="float32", keep_features=True)
+    after_online = models.encoder.blocks[0].attn.qkv.weight.detach()
+    assert not torch.equal(before_online, after_online)
+    torch.testing.assert_close(models.target_encoder.blocks[0].attn.qkv.weight, 0.5 * before_target + 0.5 * after_online)
+    assert out.grad_norms is not None and all(float(n) > 0 for n in out.grad_norms)
+    assert backend.optimizer.param_groups[0]["weight_decay"] == 0.04 and backend.optimizer.param_groups[2][
+        "weight_decay"] == 0.0
+    assert out.target_features.shape == (3, cfg.num_tokens, 96) and out.predictions.shape[0] == masks.target_index.numel()
