@@ -45,9 +45,7 @@ def init_distributed(use_deepspeed: bool, device: torch.device) -> tuple[int, in
 
 
 def resolve_datasets(cfg: Config) -> list[str]:
-    """Index files of the run; a configured synthetic dataset is generated first when it is missing."""
-    if cfg.data.synthetic_root:
-        ensure_synthetic_dataset(cfg.data.synthetic_root, SyntheticSpec())
+    """Index files of the run, checked to exist (before any model is built, so a typo fails in a second)."""
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty: list index files ('<video path> <label>' per line)")
     missing = [p for p in cfg.data.datasets if not Path(p).is_file()]
@@ -78,10 +76,11 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     say = print if main else (lambda *a, **k: None)
     folder = Path(cfg.logging.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    index_files = resolve_datasets(cfg) if main else None
-    if use_ds and world > 1:  # rank 0 may have generated the synthetic set; the others wait for it
+    if main and cfg.data.synthetic_root:  # generated once, by rank 0, when missing
+        ensure_synthetic_dataset(cfg.data.synthetic_root, SyntheticSpec())
+    if use_ds and world > 1:
         torch.distributed.barrier()
-    index_files = index_files or resolve_datasets(cfg)
+    index_files = resolve_datasets(cfg)
 
     # models: the target encoder starts as an exact copy of the context encoder
     torch.manual_seed(cfg.meta.seed)
