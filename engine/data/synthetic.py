@@ -79,7 +79,8 @@ _DISTRACTOR_SPEED = (0.008, 0.03)
 _CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
     # realtime/cpu-used 8 encodes a 32-frame 64x64 clip in a few ms; crf 24 keeps shape edges crisp.
     "vp9": ("libvpx-vp9", "webm", {"crf": "24", "b:v": "0", "deadline": "realtime", "cpu-used": "8"}),
-    "h264": ("libx264", "mp4", {"crf": "20", "preset": "veryfast"}),
+    # x264's own threads pinned too: its lookahead threads are not covered by the codec context's thread count
+    "h264": ("libx264", "mp4", {"crf": "20", "preset": "veryfast", "x264-params": "threads=1:lookahead-threads=1"}),
 }
 _SPLITS = ("train", "val")
 
