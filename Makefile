@@ -16,5 +16,7 @@ $(VENV)/.installed: setup.py
 demo: setup
 	$(BIN)/python engine/train.py --config configs/tiny_synthetic.json
 
+# the unit tests, then every benchmark once as a smoke test (timings belong to `pytest benchmarks/ --benchmark-only`)
 test: setup
 	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest benchmarks -q --benchmark-disable

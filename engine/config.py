@@ -90,6 +90,7 @@ class ModelConfig:
     use_mask_tokens: bool = True  # learned mask tokens (the only supported mode)
     zero_init_mask_tokens: bool = True  # mask tokens start at zero
     rescale_init_by_depth: bool = False  # (ours) V2 init: divide attn.proj / mlp.fc2 by sqrt(2*layer); V1 re-inits
+    kernels: str = "auto"  # (ours) fused ops: auto (Triton on GPU) | triton | torch (the references); env VJEPA_KERNELS wins
 
 
 @dataclass
@@ -316,6 +317,7 @@ def validate(cfg: Config) -> None:
         (d.batch_size >= 1, "data.batch_size must be >= 1"),
         (d.mask_type in ("multiblock3d", "random_tube"), f"data.mask_type '{d.mask_type}': use multiblock3d or random_tube"),
         (m.model_name in VARIANTS, f"model.model_name '{m.model_name}' unknown; variants: {', '.join(VARIANTS)}"),
+        (m.kernels in ("auto", "triton", "torch"), f"model.kernels '{m.kernels}': use auto, triton or torch"),
         (m.use_mask_tokens, "model.use_mask_tokens=false (the reference's unused diffusion branch) is not supported"),
         (cfg.meta.dtype in ("bfloat16", "float16", "float32"), "meta.dtype must be bfloat16, float16 or float32"),
         (len(cfg.optimization.ema) == 2, "optimization.ema must be [start, end]"),

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+import kernels
+
 from .backends import DeepSpeedBackend, TorchBackend
 from .build import build_encoder, build_predictor, encoder_variant
 from .checkpoint import latest_path, load_checkpoint, save_checkpoint
@@ -72,6 +74,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     rank, world = init_distributed(use_ds, device)
+    kernels.set_default_impl(cfg.model.kernels)  # before any model runs; env VJEPA_KERNELS still wins
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
     folder = Path(cfg.logging.folder)
@@ -132,7 +135,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     metrics = MetricsCSV(folder / "metrics.csv") if main else None
     num_gen = len(cfg.mask)
     say(f"training {stop - start_step} steps ({start_step} -> {stop}) on {device}, world size {world}, "
-        f"batch {b}/rank, {cfg.num_tokens} tokens/clip, backend {'deepspeed' if use_ds else 'torch'}; logs: {folder}")
+        f"batch {b}/rank, {cfg.num_tokens} tokens/clip, backend {'deepspeed' if use_ds else 'torch'}, "
+        f"kernels {kernels.dispatch.resolve(None, device)}; logs: {folder}")
 
     window_losses: list[torch.Tensor] = []
     window_flops, window_start, run_start = 0, time.perf_counter(), time.perf_counter()

@@ -2,7 +2,7 @@
 
 Differences from the reference that change no number: the context encoder and the predictor each run once over
 the packed sets of every mask generator (the reference loops over generators), the target layer norm is applied to
-the gathered target rows only (it is per row), and nothing in the step reads a value back to the host: the loop
+the gathered target rows only (it is per row, and fused into the loss kernel), and nothing in the step reads a value back to the host: the loop
 syncs only on logging steps.
 """
 
@@ -12,9 +12,9 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels import ema_, masked_l1_loss
 from models import Predictor, VisionTransformer
 
 from .backends import Backend
@@ -36,17 +36,6 @@ class StepOutput:
     grad_norms: tuple[torch.Tensor, torch.Tensor] | None  # encoder / predictor norms before clipping, when clipped
 
 
-def jepa_loss(pred: torch.Tensor, target: torch.Tensor, targets_per_generator: tuple[int, ...],
-              loss_exp: float) -> torch.Tensor:
-    """mean(|p - h|^e) / e over each generator's rows, then the average over generators (the reference's weighting:
-    every generator counts equally whatever its number of target tokens)."""
-    err = (pred.float() - target.float()).abs()
-    if loss_exp != 1.0:
-        err = err.pow(loss_exp)
-    per_generator = torch.stack([part.mean() for part in torch.split(err, list(targets_per_generator))])
-    return per_generator.mean() / loss_exp
-
-
 def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     """bf16/fp16 autocast on GPU with fp32 weights, as the reference; the CPU always runs fp32."""
     if device.type != "cuda" or dtype == "float32":
@@ -54,12 +43,10 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
     return torch.autocast("cuda", dtype=getattr(torch, dtype))
 
 
-@torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target = m * target + (1 - m) * online for every parameter (including the frozen position table)."""
-    t_params, o_params = list(target.parameters()), list(online.parameters())
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)
+    """target = m * target + (1 - m) * online for every parameter (including the frozen position table), one
+    multi-tensor launch with the Triton kernels."""
+    ema_(list(target.parameters()), list(online.parameters()), momentum)
 
 
 def forward_loss(models: Models, video: torch.Tensor, masks: StepMasks, *, loss_exp: float,
@@ -67,18 +54,20 @@ def forward_loss(models: Models, video: torch.Tensor, masks: StepMasks, *, loss_
     """Target, context and predictor passes and the loss: (loss, target features (B, N, D), predictions (Tt, D))."""
     autocast = autocast_context(video.device, dtype)
 
-    # target (no grad): all N tokens of every clip, layer norm without affine on the target rows only
+    # target (no grad): all N tokens of every clip; its layer norm happens inside the loss, on the target rows only
     with torch.no_grad(), autocast:
         h = models.target_encoder.forward_dense(video)  # (B, N, D)
-        target = F.layer_norm(h.flatten(0, 1).index_select(0, masks.target_index), (h.shape[-1],))
 
     # context + predictor: every generator's packed context set in one encoder call and one predictor call
     with autocast:
         z = models.encoder(video, masks.context_index, masks.context_packing)
         pred = models.predictor(z, masks.context_index, masks.target_index, masks.predictor)
 
-    # loss (fp32)
-    return jepa_loss(pred, target, masks.targets_per_generator, loss_exp), h, pred
+    # loss (fp32): mean |pred - LN(h)[targets]|^p / p per generator, then the average over generators (the
+    # reference's weighting: every generator counts equally whatever its number of target tokens)
+    loss = masked_l1_loss(pred, h.flatten(0, 1), masks.target_index, loss_exp=loss_exp,
+                          segments=masks.targets_per_generator)
+    return loss, h, pred
 
 
 def train_step(models: Models, backend: Backend, video: torch.Tensor, masks: StepMasks, *, lr: float, wd: float,

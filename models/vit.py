@@ -61,10 +61,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, video: torch.Tensor, token_index: torch.Tensor, packing: Packing) -> torch.Tensor:
         """video (B, C, F, H, W); token_index (T,) int64 ids clip*N + n, grouped by `packing` -> (T, D)."""
-        x = self.patch_embed(video, token_index)
-        pos = self.pos_embed[0].index_select(0, token_index % self.num_tokens)
-        # the reference adds in place into the (bf16 under autocast) embedding: the residual stream keeps its dtype
-        x = (x + pos).to(x.dtype)
+        x = self.patch_embed(video, token_index, self.pos_embed)  # embedding + position rows, in the compute dtype
         for blk in self.blocks:
             x = blk(x, packing)
         return self.norm(x)

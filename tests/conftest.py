@@ -1,11 +1,20 @@
-"""Shared fixtures: a small synthetic video dataset (generated once per session) and tiny configs."""
+"""Shared fixtures: a small synthetic video dataset (generated once per session) and tiny configs.
 
-from pathlib import Path
+TRITON_INTERPRET=1 is set here, before anything imports `kernels`: Triton reads it when a @triton.jit decorator
+runs, so it lets `impl="triton"` run the kernels on the CPU. Ops with impl=None still follow the configured default
+(`auto`: the PyTorch references on CPU), so the rest of the suite is unaffected.
+"""
 
-import pytest
+import os
 
-from engine.config import Config, load_config
-from engine.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from engine.config import Config, load_config  # noqa: E402
+from engine.data.synthetic import SyntheticSpec, ensure_synthetic_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_SPEC = SyntheticSpec(num_train=24, num_val=8, num_frames=24, size=64, seed=3)

@@ -6,12 +6,14 @@ import copy
 import pytest
 import torch
 
+import kernels
+
 from engine.backends import TorchBackend, param_groups
 from engine.build import build_encoder, build_predictor
 from engine.config import load_config
 from engine.masks import sample_masks
 from engine.packed_masks import StepMasks
-from engine.step import Models, ema_update, forward_loss, jepa_loss, train_step
+from engine.step import Models, ema_update, forward_loss, train_step
 from models import Packing
 
 from .conftest import ROOT
@@ -73,18 +75,6 @@ def test_packed_step_equals_per_generator_dense_with_truncation():
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
 
 
-def test_jepa_loss_weights_generators_equally():
-    pred = torch.zeros(5, 2)
-    target = torch.tensor([[1.0, 1.0], [3.0, 3.0], [2.0, 2.0], [2.0, 2.0], [2.0, 2.0]])
-    # generator 0: rows 0-1, mean |d| = 2; generator 1: rows 2-4, mean 2 -> 2 (a row-weighted mean would also be 2)
-    assert jepa_loss(pred, target, (2, 3), 1.0).item() == pytest.approx(2.0)
-    # generator 0 mean 2, generator 1 (rows 2-4 set to 5) mean 5 -> (2 + 5) / 2 = 3.5; row-weighted would be 3.8
-    target[2:] = 5.0
-    assert jepa_loss(pred, target, (2, 3), 1.0).item() == pytest.approx(3.5)
-    # loss_exp 2: mean(d^2) / 2 per generator: (5 + 25) / 2 / 2 = 7.5
-    assert jepa_loss(pred, target, (2, 3), 2.0).item() == pytest.approx(7.5)
-
-
 def test_ema_update_formula():
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     expected = [0.9 * p.detach() + 0.1 * q.detach() for p, q in zip(a.parameters(), b.parameters())]
@@ -124,3 +114,39 @@ def test_train_step_updates_online_and_target():
     assert backend.optimizer.param_groups[0]["weight_decay"] == 0.04 and backend.optimizer.param_groups[2][
         "weight_decay"] == 0.0
     assert out.target_features.shape == (3, cfg.num_tokens, 96) and out.predictions.shape[0] == masks.target_index.numel()
+
+
+@pytest.fixture
+def kernels_default():
+    """Restores the process-wide kernels default a test changes."""
+    yield kernels.set_default_impl
+    kernels.set_default_impl("auto")
+
+
+def test_five_steps_with_kernels_on_and_off_give_the_same_losses(kernels_default, monkeypatch):
+    """The whole step on the Triton kernels (embedding, loss, EMA; interpreted on CPU) against the references."""
+    # the interpreter simulates one program at a time: large tiles keep 5 steps to seconds (the ops' own tests use
+    # small ones to cross tile edges)
+    monkeypatch.setattr(kernels.tubelet_embed, "INTERPRET_CONFIG", kernels.tubelet_embed.TileConfig(128, 128, 128, 1, 1))
+    monkeypatch.setattr(kernels.l1_loss, "INTERPRET_ROWS", 128)
+    monkeypatch.setattr(kernels.ema, "INTERPRET_CHUNK", (1 << 20, 1 << 14))
+    cfg = _cfg("--data.batch_size=2")
+    video = torch.randn(2, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)
+    runs = {}
+    for impl in ("torch", "triton"):
+        kernels_default(impl)
+        models = _models(cfg)
+        backend = TorchBackend(models.encoder, models.predictor, cfg)
+        launches = sum(kernels.dispatch.launches.values())
+        losses = []
+        for step in range(5):
+            masks = StepMasks.from_mask_set(sample_masks(cfg.mask, cfg.grid, 2, step=step, seed=0,
+                                                         first_sample_index=2 * step))
+            out = train_step(models, backend, video, masks, lr=1e-3, wd=0.04, momentum=0.99, clip_grad=1.0,
+                             loss_exp=1.0, dtype="float32")
+            losses.append(out.loss.item())
+        # per step: target + context embedding, one weight gradient, the loss, the EMA
+        assert sum(kernels.dispatch.launches.values()) - launches == (5 * 5 if impl == "triton" else 0)
+        runs[impl] = losses
+    assert runs["torch"][0] != runs["torch"][-1]  # the model trained
+    torch.testing.assert_close(torch.tensor(runs["triton"]), torch.tensor(runs["torch"]), atol=1e-5, rtol=1e-4)

@@ -1,0 +1,1 @@
+"""pytest-benchmark suites of the kernels (see conftest.py and shapes.py)."""

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The first command of a session with a lent GPU: environment report, wheels, GPU tests, the benchmarks in priority
+# order and the ahead-of-time kernel compilation, each step under its own time limit inside one overall budget (the
+# device ends a command at 10 minutes). Every step writes under $OUT as it goes: what is there comes back even when
+# the command is cut short. One failing step never stops the later ones.
+#
+# Usage, from the repository root on the device machine (carry .whl if it exists):
+#   OUT=... GIT_COMMIT=<sha> bash benchmarks/gpu_session.sh [--budget SECONDS] [--only NAME[,NAME]] [--dry-run]
+#     --budget S   seconds for the whole script (default 540, leaving the device's 600 s limit some room)
+#     --only N     run only the named steps (repeatable or comma-separated); env.json is always written
+#     --dry-run    hide CUDA and skip the wheel install: the same commands run on the CPU, where the benchmarks take
+#                  their tiny interpreted shapes, so this script is testable without a GPU (tests/test_gpu_session.py)
+#   GIT_COMMIT: the device receives the working tree without .git, so the commit travels in the environment.
+# Steps: wheels, gpu_tests, bench_<name> for each entry of BENCHMARKS, aot.
+# $OUT receives env.json, session.log (every step's output), gpu_tests.xml, bench_<name>.json, aot.json. The device
+# returns at most 8 files from $OUT: once BENCHMARKS grows past that, split the session into calls with --only.
+# Exit code: the number of steps that failed or ran out of time (0: every step passed or was skipped).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+# benchmark name (benchmarks/test_bench_<name>.py) : time limit in seconds, in priority order
+BENCHMARKS=(tubelet_embed:120 masked_l1_loss:60 ema:60)
+RESERVE=15  # seconds at the end of the budget kept for the summary
+
+usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+BUDGET=540 DRY=0 ONLY=""
+while (($#)); do
+  case $1 in
+    --budget|--only) (($# >= 2)) || { echo "gpu_session.sh: $1 needs a value" >&2; exit 2; }
+                     set -- "$1=$2" "${@:3}" ;;
+    --budget=*) BUDGET=${1#*=}; shift ;;
+    --only=*) ONLY+=",${1#*=}"; shift ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "gpu_session.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+  esac
+done
+[[ $BUDGET =~ ^[0-9]+$ ]] || { echo "gpu_session.sh: --budget needs whole seconds, got '$BUDGET'" >&2; exit 2; }
+: "${OUT:?set OUT to the folder that receives the results}"
+STEPS=(wheels gpu_tests)
+for b in "${BENCHMARKS[@]}"; do STEPS+=("bench_${b%%:*}"); done
+STEPS+=(aot)
+for name in ${ONLY//,/ }; do
+  [[ " ${STEPS[*]} " == *" $name "* ]] && continue
+  echo "gpu_session.sh: unknown step '$name' (steps: ${STEPS[*]})" >&2; exit 2
+done
+
+mkdir -p "$OUT"
+LOG=$OUT/session.log
+STEP_OUT=$(mktemp)  # the running step's output, outside $OUT (the device returns at most 8 files)
+trap 'rm -f "$STEP_OUT"' EXIT
+START=$SECONDS
+PY=${PYTHON:-python3}
+[[ -z ${PYTHON:-} && -x .venv/bin/python ]] && PY=.venv/bin/python  # a CPU checkout; the device has no .venv
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+((DRY)) && export CUDA_VISIBLE_DEVICES=""
+q() { printf '%q' "$1"; }
+say() { echo "$*" | tee -a "$LOG"; }
+selected() { [[ -z $ONLY || ",$ONLY," == *",$1,"* ]]; }
+
+RESULTS=() FAILED=0
+record() {  # NAME STATUS SECONDS
+  RESULTS+=("$(printf '%-24s %-40s %5ss' "$1" "$2" "$3")")
+  [[ $2 == failed* || $2 == partial* || $2 == timeout || $2 == no-time ]] && FAILED=$((FAILED + 1))
+  say "== $1: $2 (${3}s)"
+}
+
+# step NAME CAP COMMAND [EXIT_CODE ...]: COMMAND (a bash string) under min(CAP, what the budget has left); the extra
+# exit codes also count as success. A step gets SIGTERM at its limit and SIGKILL 10 s later.
+step() {
+  local name=$1 cap=$2 cmd=$3 ok=" 0 ${*:4} " left limit t0 rc status
+  selected "$name" || return 0
+  left=$((BUDGET - (SECONDS - START) - RESERVE))
+  if ((left < 10)); then record "$name" no-time 0; return 0; fi
+  limit=$((cap < left ? cap : left))
+  say "== $name (limit ${limit}s): $cmd"
+  t0=$SECONDS
+  : >"$STEP_OUT"
+  # benchmarks stop starting new cases a little before the limit (a fifth, at most 20 s), so pytest still ends
+  # normally and writes their JSON; the cases it skipped make the step "partial"
+  VJEPA_BENCH_DEADLINE=$(($(date +%s) + limit - (limit / 5 < 20 ? limit / 5 : 20))) \
+    timeout -k 10 "$limit" bash -c "$cmd" 2>&1 | tee -a "$LOG" "$STEP_OUT"
+  rc=${PIPESTATUS[0]}
+  if ((rc == 124 || rc == 137)); then status=timeout
+  elif [[ $ok != *" $rc "* ]]; then status="failed (exit $rc)"
+  elif grep -q VJEPA_BENCH_DEADLINE "$STEP_OUT"; then status="partial (time budget)"
+  else status=ok; [[ $rc != 0 ]] && status="ok (exit $rc)"; fi
+  record "$name" "$status" $((SECONDS - t0))
+}
+
+skip() { selected "$1" && record "$1" "skipped: $2" 0; }
+
+# (a) environment report: always, whatever --only says
+say "== gpu_session.sh: budget ${BUDGET}s, dry run $DRY, out $OUT, python $PY"
+timeout 60 "$PY" benchmarks/env_report.py "$OUT/env.json" 2>&1 | tee -a "$LOG" || say "== env report failed"
+
+# (b) wheels the device image lacks (bash ../shared/tools/gpu_wheels.sh fills .whl/ on the CPU machine)
+wheels="$(q "$PY") -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site"
+if ! compgen -G ".whl/*.whl" >/dev/null; then
+  skip wheels "no .whl/*.whl"
+elif ((DRY)); then
+  skip wheels "dry run, not run: $wheels .whl/*.whl"
+else
+  step wheels 90 "$wheels .whl/*.whl"
+  [[ -d /tmp/site ]] && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+
+# (c) every GPU test (exit 5: none collected, not a failure)
+step gpu_tests 150 "$(q "$PY") -m pytest tests -m gpu -q -p no:cacheprovider --junitxml=$(q "$OUT/gpu_tests.xml")" 5
+
+# (d) the benchmarks, most important first
+for entry in "${BENCHMARKS[@]}"; do
+  name=${entry%%:*} file=benchmarks/test_bench_${entry%%:*}.py
+  if [[ ! -f $file ]]; then skip "bench_$name" "$file absent"; continue; fi
+  step "bench_$name" "${entry##*:}" \
+    "$(q "$PY") -m pytest $file --benchmark-only -q -rs -p no:cacheprovider --benchmark-json=$(q "$OUT/bench_$name.json")"
+done
+
+# (e) compile every kernel configuration for sm_90 (works on a CPU too; not under the interpreter)
+if [[ -f kernels/aot.py ]]; then
+  step aot 90 "env -u TRITON_INTERPRET $(q "$PY") -m kernels.aot --json > $(q "$OUT/aot.json")"
+else
+  skip aot "kernels/aot.py absent"
+fi
+
+# summary: the benchmark table, then one line per step
+if compgen -G "$OUT/bench_*.json" >/dev/null; then
+  "$PY" benchmarks/report.py "$OUT"/bench_*.json 2>&1 | tee -a "$LOG"
+fi
+say "== steps (${BUDGET}s budget, $((SECONDS - START))s used; copy \$OUT to the results_dir that env.json names):"
+for line in "${RESULTS[@]}"; do say "   $line"; done
+exit "$FAILED"

@@ -1,0 +1,58 @@
+"""One table from pytest-benchmark JSON files: each provider's rate, and the Triton op against its targets.
+
+Usage: python benchmarks/report.py bench_*.json. The targets are the kernels issue's: the embed at >= 60% of the
+bare GEMM's TFLOP/s, the loss >= 3x the reference and >= 70% of copy bandwidth, the EMA >= 80% of copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from typing import Any
+
+# op -> (baseline provider, rate compared, fraction to reach); and the ops with a speed-up target over "torch"
+TARGETS = {"tubelet_embed": ("cublas_mm", "tflops", 0.60), "masked_l1_loss": ("copy", "gbps", 0.70),
+           "ema": ("copy", "gbps", 0.80)}
+SPEEDUP_TARGETS = {"masked_l1_loss": 3.0}
+
+
+def rows(paths: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for path in paths:
+        for b in json.load(open(path))["benchmarks"]:
+            out.append({**b["extra_info"], "median_s": b["stats"]["median"]})
+    return out
+
+
+def main(paths: list[str]) -> None:
+    groups: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in rows(paths):
+        groups[r["op"], r["case"], r["direction"]][r["provider"]] = r
+    print(f"{'op':15s} {'case':20s} {'dir':8s} {'provider':13s} {'median us':>11s} {'GB/s':>8s} {'TFLOP/s':>8s}  vs")
+    for (op, case, direction), providers in groups.items():
+        for name, r in providers.items():
+            tflops = f"{r['tflops']:8.1f}" if r.get("tflops") is not None else " " * 8
+            print(f"{op:15s} {case:20s} {direction:8s} {name:13s} {r['median_s'] * 1e6:11.1f} {r['gbps']:8.1f} "
+                  f"{tflops}  {_verdict(op, name, r, providers)}")
+
+
+def _verdict(op: str, name: str, r: dict[str, Any], providers: dict[str, dict[str, Any]]) -> str:
+    if name != "triton":
+        return ""
+    notes = []
+    base, rate, goal = TARGETS.get(op, (None, None, None))
+    if base in providers:
+        frac = r[rate] / providers[base][rate]
+        notes.append(f"{frac:.0%} of {base} (target {goal:.0%})")
+    if "torch" in providers:
+        speedup = providers["torch"]["median_s"] / r["median_s"]
+        goal = SPEEDUP_TARGETS.get(op)
+        notes.append(f"{speedup:.2f}x torch" + (f" (target {goal:g}x)" if goal else ""))
+    return "; ".join(notes)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(sys.argv[1:])

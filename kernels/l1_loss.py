@@ -1,0 +1,171 @@
+"""masked_l1_loss: parameter-free layer norm of the target rows, gather, L1 (or |d|^p) loss and pred's gradient.
+
+Semantics (the reference, `masked_l1_loss_ref`): `mean(|pred - layer_norm(target)[token_index]|^p) / p` (layer norm
+without affine, eps 1e-5, in fp32), computed per segment of rows and then averaged over segments: V-JEPA takes one
+mean per mask generator and averages the generators, whatever their number of target tokens.
+
+Why the kernel pays: the reference reads the (T, D) target rows to gather them, writes them, reads them to normalise,
+writes the normalised copy, reads it and pred to subtract, writes the difference, reads it to reduce, and in
+backward reads it again to write pred's gradient: about 9 passes over (T, D). The kernel reads each target row and
+pred once and writes pred's gradient once (3 passes): d/dpred |d|^p / p = |d|^(p-1) sign(d), scaled by the row's
+segment weight, is known in the forward pass, so backward is a single scale by the incoming scalar gradient.
+The target gets no gradient: in V-JEPA it is the EMA encoder's output, computed without autograd.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import dispatch
+
+LN_EPS = 1e-5
+
+
+def _segments(segments: Sequence[int] | None, rows: int) -> tuple[int, ...]:
+    segs = (rows,) if segments is None else tuple(int(s) for s in segments)
+    if sum(segs) != rows or any(s <= 0 for s in segs):
+        raise ValueError(f"segments {segs} must be positive row counts summing to the {rows} rows of pred")
+    return segs
+
+
+def masked_l1_loss_ref(pred: torch.Tensor, target: torch.Tensor, token_index: torch.Tensor, *,
+                       loss_exp: float = 1.0, segments: Sequence[int] | None = None) -> torch.Tensor:
+    """The specification: layer norm, gather, |difference|^p, one mean per segment, average over segments, / p."""
+    d = target.shape[-1]
+    h = F.layer_norm(target.reshape(-1, d).float(), (d,), eps=LN_EPS).index_select(0, token_index)
+    err = (pred.float() - h).abs()
+    if loss_exp != 1.0:
+        err = err.pow(loss_exp)
+    per_segment = torch.stack([part.mean() for part in torch.split(err, list(_segments(segments, pred.shape[0])))])
+    return per_segment.mean() / loss_exp
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# kernel
+
+
+@triton.jit
+def _l1_loss_kernel(
+    PRED, TARGET, INDEX, GRAD, PARTIAL, SEG_END, SEG_SCALE,
+    T, D, loss_exp, eps,
+    # strides
+    s_pred, s_target, s_grad,
+    # Meta-parameters
+    NUM_SEGMENTS: tl.constexpr, EXP_IS_ONE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """BLOCK_R rows per program. PARTIAL[pid] = sum_rows w_row * sum_d |d|^p; GRAD = w_row * p |d|^(p-1) sign(d).
+
+    w_row = 1 / (segments * rows_of_its_segment * D * p), so the loss is the sum of the partials.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < T
+    mask = row_mask[:, None] & (cols < D)[None, :]
+
+    # layer norm of the gathered target rows, in fp32
+    src = tl.load(INDEX + rows, mask=row_mask, other=0).to(tl.int64)
+    x = tl.load(TARGET + src[:, None] * s_target + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    diff = tl.load(PRED + rows[:, None] * s_pred + cols[None, :], mask=mask, other=0.0).to(tl.float32) \
+        - xc * rstd[:, None]
+
+    # each row's weight: its segment's share of the loss
+    weight = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    seg_start = 0
+    for g in tl.static_range(NUM_SEGMENTS):
+        seg_end = tl.load(SEG_END + g)
+        weight = tl.where((rows >= seg_start) & (rows < seg_end), tl.load(SEG_SCALE + g), weight)
+        seg_start = seg_end
+
+    mag = tl.abs(diff)
+    sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))  # torch's abs'(0) = 0
+    if EXP_IS_ONE:
+        err = mag
+        grad = sign
+    else:
+        safe = tl.where(mag > 0, mag, 1.0)
+        err = tl.where(mag > 0, tl.exp2(loss_exp * tl.log2(safe)), 0.0)
+        grad = tl.where(mag > 0, loss_exp * tl.exp2((loss_exp - 1.0) * tl.log2(safe)), 0.0) * sign
+    tl.store(PARTIAL + pid, tl.sum(tl.sum(tl.where(mask, err, 0.0), axis=1) * weight, axis=0))
+    if WRITE_GRAD:
+        tl.store(GRAD + rows[:, None] * s_grad + cols[None, :], (grad * weight[:, None]).to(GRAD.dtype.element_ty),
+                 mask=mask)
+
+
+INTERPRET_ROWS = 4  # rows per program under the interpreter: small tests still span several programs
+
+
+def _block_rows(block_d: int) -> int:
+    """About 4096 fp32 values per operand tile: enough bytes in flight per program without register spills."""
+    if dispatch.interpreted():
+        return INTERPRET_ROWS
+    return max(1, min(64, 4096 // block_d))
+
+
+def _num_warps(block_d: int) -> int:
+    return 4 if block_d <= 1024 else 8
+
+
+def _loss_forward(pred: torch.Tensor, target: torch.Tensor, token_index: torch.Tensor, loss_exp: float,
+                  segments: tuple[int, ...], write_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    t, d = pred.shape
+    block_d = triton.next_power_of_2(d)
+    block_r = _block_rows(block_d)
+    programs = triton.cdiv(t, block_r)
+    partial = torch.empty(programs, device=pred.device, dtype=torch.float32)
+    grad = torch.empty_like(pred) if write_grad else None
+    # host-side constants travel with the launch: no device sync, no extra kernel
+    seg_end = torch.tensor(list(itertools.accumulate(segments)), dtype=torch.int32).to(pred.device, non_blocking=True)
+    seg_scale = torch.tensor([1.0 / (len(segments) * s * d * loss_exp) for s in segments],
+                             dtype=torch.float32).to(pred.device, non_blocking=True)
+    dispatch.count("masked_l1_loss")
+    _l1_loss_kernel[(programs,)](
+        pred, target, token_index, grad if grad is not None else pred, partial, seg_end, seg_scale,
+        t, d, float(loss_exp), LN_EPS,
+        pred.stride(0), target.stride(0), grad.stride(0) if grad is not None else 0,
+        NUM_SEGMENTS=len(segments), EXP_IS_ONE=loss_exp == 1.0, WRITE_GRAD=write_grad,
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_d), num_stages=1)
+    return partial.sum(), grad
+
+
+class _MaskedL1Loss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, target, token_index, loss_exp, segments):
+        loss, grad = _loss_forward(pred, target, token_index, loss_exp, segments, ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None
+
+
+def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, token_index: torch.Tensor, *, loss_exp: float = 1.0,
+                   segments: Sequence[int] | None = None, impl: str | None = None) -> torch.Tensor:
+    """pred (T, D); target (B*N, D) or (B, N, D), a constant; token_index (T,) int64 rows of target; segments: row
+    counts of pred's consecutive segments (None: one) -> fp32 scalar."""
+    if dispatch.resolve(impl, pred.device) == "torch":
+        return masked_l1_loss_ref(pred, target, token_index, loss_exp=loss_exp, segments=segments)
+    d = target.shape[-1]
+    if pred.dim() != 2 or pred.shape[1] != d or token_index.shape != pred.shape[:1]:
+        raise ValueError(f"pred must be (T, D) with one token_index per row and D = target's last dim; got pred "
+                         f"{tuple(pred.shape)}, target {tuple(target.shape)}, token_index {tuple(token_index.shape)}")
+    if target.requires_grad:
+        raise ValueError("masked_l1_loss treats target as a constant (V-JEPA's EMA target); detach it, or use "
+                         "impl='torch' to differentiate through the layer norm")
+    if loss_exp <= 0:
+        raise ValueError(f"loss_exp must be positive, got {loss_exp}")
+    target = target.reshape(-1, d)
+    pred, target = (x if x.stride(-1) == 1 else x.contiguous() for x in (pred, target))
+    return _MaskedL1Loss.apply(pred, target, token_index, float(loss_exp), _segments(segments, pred.shape[0]))

@@ -1,0 +1,48 @@
+"""benchmarks/gpu_session.sh on the CPU (--dry-run): the script a GPU session runs first works before it has one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+
+
+def _session(out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    env.pop("VJEPA_BENCH_DEADLINE", None)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_dry_run_writes_env_report_and_benchmark_json(tmp_path):
+    pytest.importorskip("pytest_benchmark")
+    # the loss suite is the quickest under the interpreter (seconds); the others run the same code path
+    proc = _session(tmp_path, "--dry-run", "--only", "bench_masked_l1_loss")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["torch"] and env["python"] and env["devices"] == []  # the dry run hides CUDA
+    assert env["results_dir"].startswith("benchmarks/results/") and env["results_dir"].endswith("_cpu")
+
+    bench = json.loads((tmp_path / "bench_masked_l1_loss.json").read_text())["benchmarks"]
+    infos = [b["extra_info"] for b in bench]
+    assert {i["provider"] for i in infos} == {"triton", "torch", "copy"}
+    assert {i["case"] for i in infos} == {"tiny-packed", "tiny-trunc"}
+    for info in infos:
+        assert info["op"] == "masked_l1_loss" and info["interpreted"] is True and info["dtype"] == "float32"
+        assert info["bytes_moved"] > 0 and info["gbps"] > 0 and info["device"]
+
+    log = (tmp_path / "session.log").read_text()
+    assert "bench_masked_l1_loss: ok" in log and "gpu_tests" not in log  # --only ran that step alone
+    assert not (tmp_path / "bench_ema.json").exists()
+
+
+def test_unknown_step_is_refused(tmp_path):
+    proc = _session(tmp_path, "--only", "bench_nothing")
+    assert proc.returncode == 2 and "unknown step 'bench_nothing'" in proc.stderr

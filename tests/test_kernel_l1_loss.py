@@ -1,0 +1,92 @@
+"""masked_l1_loss: the Triton kernel (interpreted on CPU) against the 4-op reference, loss and pred's gradient."""
+
+import pytest
+import torch
+
+from kernels import dispatch, masked_l1_loss
+from kernels.l1_loss import masked_l1_loss_ref
+
+CASES = {
+    # name: (rows of target, D, rows of pred, segments)
+    "prime_one_segment": (13, 37, 11, None),
+    "two_generators": (29, 37, 17, (6, 11)),
+    "one_row": (5, 8, 1, None),
+    "wide_rows_three_segments": (41, 130, 23, (7, 7, 9)),
+    "d_is_one": (7, 1, 4, (1, 3)),
+}
+
+
+@pytest.mark.parametrize("loss_exp", [1.0, 2.0, 1.5])
+@pytest.mark.parametrize("case", CASES)
+def test_loss_and_gradient_match_reference(case, loss_exp):
+    rows, d, t, segments = CASES[case]
+    g = torch.Generator().manual_seed(rows * d)
+    target = torch.randn(rows, d, generator=g) * 3 + 0.5
+    index = torch.randint(0, rows, (t,), generator=g)
+    pred = torch.randn(t, d, generator=g).requires_grad_()
+    before = dispatch.launches["masked_l1_loss"]
+    loss = masked_l1_loss(pred, target, index, loss_exp=loss_exp, segments=segments, impl="triton")
+    ref = masked_l1_loss_ref(pred, target, index, loss_exp=loss_exp, segments=segments)
+    assert dispatch.launches["masked_l1_loss"] == before + 1  # the kernel ran, not the reference
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
+    (grad,) = torch.autograd.grad(loss * 3.0, pred)  # a non-unit upstream gradient
+    (ref_grad,) = torch.autograd.grad(ref * 3.0, pred)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-7, rtol=1e-5)
+
+
+def test_batched_target_layout_and_strided_pred():
+    """target (B, N, D) is read as (B*N, D); pred may be a row-strided view (a slice of a wider buffer)."""
+    torch.manual_seed(0)
+    target = torch.randn(3, 10, 24)
+    index = torch.tensor([0, 9, 10, 29, 15])
+    wide = torch.randn(5, 40)
+    pred = wide[:, 3:27]
+    loss = masked_l1_loss(pred, target, index, impl="triton")
+    torch.testing.assert_close(loss, masked_l1_loss_ref(pred, target.reshape(30, 24), index))
+
+
+def test_generators_count_equally_whatever_their_size():
+    """Rows [1, -1] normalise to about [1, -1]; pred [c, c] with c >= 1 then has mean |d| = c. Generator 0 (2 rows,
+    c = 2) and generator 1 (3 rows, c = 5) average to 3.5; a row-weighted mean would give 3.8."""
+    target = torch.tensor([[1.0, -1.0]]).repeat(5, 1)
+    pred = torch.tensor([[2.0, 2.0]] * 2 + [[5.0, 5.0]] * 3)
+    for impl in ("torch", "triton"):
+        loss = masked_l1_loss(pred, target, torch.arange(5), segments=(2, 3), impl=impl)
+        assert loss.item() == pytest.approx(3.5, abs=1e-4)
+        # loss_exp 2: per row mean of d^2 / 2 = (c^2 + 1) / 2 -> ((5 / 2) + (26 / 2)) / 2 = 7.75
+        loss = masked_l1_loss(pred, target, torch.arange(5), segments=(2, 3), loss_exp=2.0, impl=impl)
+        assert loss.item() == pytest.approx(7.75, abs=1e-3)
+
+
+def test_zero_difference_has_zero_gradient():
+    """|d|' at 0 is 0, as torch's abs: a perfect prediction gets no push."""
+    target = torch.tensor([[1.0, -1.0, 3.0, -3.0]])
+    perfect = torch.nn.functional.layer_norm(target, (4,)).requires_grad_()
+    (grad,) = torch.autograd.grad(masked_l1_loss(perfect, target, torch.tensor([0]), impl="triton"), perfect)
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_bad_inputs_name_the_problem():
+    target, pred, index = torch.randn(4, 6), torch.randn(3, 6), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="segments"):
+        masked_l1_loss(pred, target, index, segments=(2, 2), impl="triton")
+    with pytest.raises(ValueError, match="constant"):
+        masked_l1_loss(pred, target.requires_grad_(), index, impl="triton")
+    with pytest.raises(ValueError, match=r"\(T, D\)"):
+        masked_l1_loss(torch.randn(3, 5), torch.randn(4, 6), index, impl="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need a GPU (the interpreter is fp32 only)")
+@pytest.mark.parametrize("d", [1024, 1280, 96])
+def test_bf16_error_within_twice_the_references(d):
+    torch.manual_seed(0)
+    target = torch.randn(4 * 1568, d, device="cuda").bfloat16()
+    index = torch.randperm(target.shape[0], device="cuda")[:3000]
+    pred = torch.randn(3000, d, device="cuda").bfloat16().requires_grad_()
+    exact = masked_l1_loss_ref(pred.double(), target.double(), index, segments=(1000, 2000))
+    ours = masked_l1_loss(pred, target, index, segments=(1000, 2000), impl="triton")
+    theirs = masked_l1_loss_ref(pred, target, index, segments=(1000, 2000))
+    assert (ours.double() - exact).abs() <= 2 * (theirs.double() - exact).abs() + 1e-6
+    g_exact, g_ours, g_theirs = (torch.autograd.grad(x, pred)[0].double() for x in (exact, ours, theirs))
+    assert (g_ours - g_exact).abs().max() <= 2 * (g_theirs - g_exact).abs().max() + 1e-9
