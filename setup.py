@@ -8,9 +8,12 @@ setup(
     packages=find_packages(include=["engine", "engine.*", "models", "models.*", "kernels", "kernels.*"]),
     # torch is installed first and pinned by the Makefile (the CPU wheel here; the GPU image brings its own):
     # an unpinned torch resolved by pip would pull gigabytes of CUDA wheels.
-    install_requires=["torch>=2.4", "numpy<2.4", "av>=12"],
+    # triton: the fused kernels (models import them; the CPU path runs their PyTorch references). Linux only: it has
+    # no wheels elsewhere, and torch's CUDA wheels already bring a matching one. 3.6 under TRITON_INTERPRET needs
+    # numpy<2.4 (see DESIGN.md).
+    install_requires=["torch>=2.4", "numpy<2.4", "av>=12", "triton>=3.6; platform_system == 'Linux'"],
     extras_require={
-        # triton 3.6.0 is what the GPU machine has; under TRITON_INTERPRET it needs numpy<2.4 (see DESIGN.md)
+        # the tests pin triton to what the GPU machine has, so the interpreter and the sm_90 check see its compiler
         "test": ["pytest>=8", "triton==3.6.0"],
         "bench": ["pytest-benchmark>=4"],
         "deepspeed": ["deepspeed>=0.19,<0.20"],
