@@ -8,5 +8,6 @@ from .dispatch import set_default_impl
 from .ema import ema_
 from .l1_loss import masked_l1_loss
 from .tubelet_embed import masked_tubelet_embed
+from .varlen_attention import varlen_attention
 
-__all__ = ["ema_", "masked_l1_loss", "masked_tubelet_embed", "set_default_impl"]
+__all__ = ["ema_", "masked_l1_loss", "masked_tubelet_embed", "set_default_impl", "varlen_attention"]

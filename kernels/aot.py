@@ -13,6 +13,8 @@ Run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions by 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import importlib
 import json
 import os
 import re
@@ -29,6 +31,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import dispatch, ema, l1_loss, tubelet_embed
+
+# the package exports the op under its module's name, so `from . import varlen_attention` would give the function
+_attention = importlib.import_module(".varlen_attention", __package__)
+
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90 (opt-in maximum)
@@ -132,8 +138,34 @@ def ema_specs() -> list[Spec]:
     return specs
 
 
+def attention_specs() -> list[Spec]:
+    va = _attention
+    fwd_args = ("Q, K, V, O, LSE, CU_SEQLENS, scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lt, "
+                "HEAD_DIM, D_A, D_B, DOT_PRECISION, BLOCK_M, BLOCK_N")
+    bwd_args = ("Q, K, V, DO, LSE, DELTA, {out}, CU_SEQLENS, scale, scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, "
+                "s_gt, s_gh, s_lt, HEAD_DIM, D_A, D_B, DOT_PRECISION, BLOCK_M, BLOCK_N")
+    div16 = "s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_gt, s_gh"
+    specs = []
+    for dtype in ("bf16",):  # 16-bit only on a GPU (see varlen_attention._check); fp16 compiles to the same tiles
+        precision = "tf32"
+        for head_dim in (24, 32, 64, 80, 88, 128):
+            d_a, d_b = va.head_dim_split(head_dim)
+            tensors = dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", O=f"*{dtype}", DO=f"*{dtype}",
+                           DK=f"*{dtype}", DV=f"*{dtype}", DQ=f"*{dtype}", LSE="*fp32", DELTA="*fp32",
+                           CU_SEQLENS="*i32", scale="fp32", scale_log2="fp32")
+            for name, fn, args, cfg in (
+                    ("attn_fwd", va._attn_fwd_kernel, fwd_args, va.fwd_config(head_dim)),
+                    ("attn_bwd_dkdv", va._attn_bwd_dkdv_kernel, bwd_args.format(out="DK, DV"), va.bwd_config(head_dim)),
+                    ("attn_bwd_dq", va._attn_bwd_dq_kernel, bwd_args.format(out="DQ"), va.bwd_config(head_dim))):
+                const = dict(HEAD_DIM=head_dim, D_A=d_a, D_B=d_b, DOT_PRECISION=precision, BLOCK_M=cfg.block_m,
+                             BLOCK_N=cfg.block_n)
+                specs.append(_spec(f"{name} dtype={dtype} head_dim={head_dim}", fn, args, tensors, const,
+                                   cfg.num_warps, cfg.num_stages, div16))
+    return specs
+
+
 def all_specs() -> list[Spec]:
-    return embed_specs() + l1_loss_specs() + ema_specs()
+    return embed_specs() + l1_loss_specs() + ema_specs() + attention_specs()
 
 
 def _ptxas_report(ptx: str) -> tuple[int, int]:
@@ -163,6 +195,11 @@ def compile_spec(spec: Spec) -> Report:
     return Report(spec.name, shared <= SHARED_LIMIT and spills == 0, shared, regs, spills)
 
 
+def _compile_index(i: int) -> Report:
+    """Pool worker: specs hold kernel objects, so each process rebuilds the list and compiles entry i."""
+    return compile_spec(all_specs()[i])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
@@ -170,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     if dispatch.interpreted():
         print("kernels.aot: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
-    reports = [compile_spec(s) for s in all_specs()]
+    # ~50 configurations at seconds each: compile them on every core
+    with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
+        reports = list(pool.map(_compile_index, range(len(all_specs()))))
     if args.json:
         print(json.dumps({"target": "sm_90", "shared_limit": SHARED_LIMIT, "triton": triton.__version__,
                           "kernels": [asdict(r) for r in reports]}, indent=1))
