@@ -6,6 +6,7 @@ setup(
     description="Fast V-JEPA pretraining and frozen evaluation: packed token sets, Triton kernels, DeepSpeed ZeRO",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "models", "models.*", "kernels", "kernels.*"]),
+    package_data={"models": ["attention_table.json"]},  # auto's measured attention backend per GPU kind
     # torch is installed first and pinned by the Makefile (the CPU wheel here; the GPU image brings its own):
     # an unpinned torch resolved by pip would pull gigabytes of CUDA wheels.
     # triton: the fused kernels (models import them; the CPU path runs their PyTorch references). Linux only: it has

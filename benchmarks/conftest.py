@@ -73,17 +73,19 @@ def _deadline() -> None:
 
 @pytest.fixture
 def bench(benchmark) -> Callable[..., None]:
-    """`bench(fn, op=, provider=, case=, direction=, shape=, dtype=, bytes_moved=, flops=None)` times `fn` and
-    fills `benchmark.extra_info`. `bytes_moved` and `flops` are the op's minimum (each input read once, each output
-    written once), the same for every provider of a group, so GB/s and TFLOP/s compare providers directly."""
+    """`bench(fn, op=, provider=, case=, direction=, shape=, dtype=, bytes_moved=, flops=None, extra_info=None)`
+    times `fn` and fills `benchmark.extra_info` (plus the op's own `extra_info` fields). `bytes_moved` and `flops`
+    are the op's minimum (each input read once, each output written once), the same for every provider of a group,
+    so GB/s and TFLOP/s compare providers directly."""
 
     def run(fn: Callable[[], Any], *, op: str, provider: str, case: str, direction: str, shape: dict[str, Any],
-            dtype: torch.dtype, bytes_moved: int, flops: int | None = None) -> None:
+            dtype: torch.dtype, bytes_moved: int, flops: int | None = None,
+            extra_info: dict[str, Any] | None = None) -> None:
         benchmark.group = f"{op} {case} {direction}"
         info = benchmark.extra_info
         info.update(op=op, provider=provider, case=case, direction=direction, shape=shape,
                     dtype=str(dtype).removeprefix("torch."), bytes_moved=int(bytes_moved), flops=flops,
-                    device=DEVICE_NAME, interpreted=INTERPRETED)
+                    device=DEVICE_NAME, interpreted=INTERPRETED, **(extra_info or {}))
         if benchmark.disabled:  # --benchmark-disable: one plain call, a smoke test
             benchmark.pedantic(fn)
             return

@@ -68,9 +68,9 @@ class Case:
             return [p.shape for p in build_encoder(self.cfg).parameters()]
 
 
-def _case(name: str, model: str, mode: str) -> Case:
+def _case(name: str, model: str, mode: str, extra: tuple[str, ...] = ()) -> Case:
     file, overrides = _MODELS[model]
-    return Case(name, load_config(ROOT / "configs" / file, [*overrides, *_MODES[mode]]))
+    return Case(name, load_config(ROOT / "configs" / file, [*overrides, *_MODES[mode], *extra]))
 
 
 def token_cases() -> list[Case]:
@@ -78,6 +78,6 @@ def token_cases() -> list[Case]:
     return [_case(f"{model}-{mode}", model, mode) for model in _MODELS for mode in _MODES]
 
 
-def model_cases() -> list[Case]:
-    """One case per model, for ops whose shapes do not depend on the masks (the EMA)."""
-    return [_case(model, model, "packed") for model in _MODELS]
+def model_cases(*overrides: str) -> list[Case]:
+    """One case per model in the packed default (the EMA; attention), with optional extra `--key=value` overrides."""
+    return [_case(model, model, "packed", overrides) for model in _MODELS]

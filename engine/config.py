@@ -91,6 +91,7 @@ class ModelConfig:
     zero_init_mask_tokens: bool = True  # mask tokens start at zero
     rescale_init_by_depth: bool = False  # (ours) V2 init: divide attn.proj / mlp.fc2 by sqrt(2*layer); V1 re-inits
     kernels: str = "auto"  # (ours) fused ops: auto (Triton on GPU) | triton | torch (the references); env VJEPA_KERNELS wins
+    attention: str = "auto"  # (ours) backend of models/attention.py (auto: measured per GPU); env VJEPA_ATTENTION wins
 
 
 @dataclass
@@ -309,6 +310,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def validate(cfg: Config) -> None:
     """Cross-field checks, with the key to change in each message."""
     from models import VARIANTS  # local import: engine -> models is the allowed direction, but keep config light
+    from models.attention import NAMES as ATTENTION_BACKENDS
 
     d, m = cfg.data, cfg.model
     checks = [
@@ -318,6 +320,8 @@ def validate(cfg: Config) -> None:
         (d.mask_type in ("multiblock3d", "random_tube"), f"data.mask_type '{d.mask_type}': use multiblock3d or random_tube"),
         (m.model_name in VARIANTS, f"model.model_name '{m.model_name}' unknown; variants: {', '.join(VARIANTS)}"),
         (m.kernels in ("auto", "triton", "torch"), f"model.kernels '{m.kernels}': use auto, triton or torch"),
+        (m.attention in ATTENTION_BACKENDS,
+         f"model.attention '{m.attention}': use one of {', '.join(ATTENTION_BACKENDS)}"),
         (m.use_mask_tokens, "model.use_mask_tokens=false (the reference's unused diffusion branch) is not supported"),
         (cfg.meta.dtype in ("bfloat16", "float16", "float32"), "meta.dtype must be bfloat16, float16 or float32"),
         (len(cfg.optimization.ema) == 2, "optimization.ema must be [start, end]"),

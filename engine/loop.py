@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 import kernels
+from models import attention
 
 from .backends import DeepSpeedBackend, TorchBackend
 from .build import build_encoder, build_predictor, encoder_variant
@@ -67,6 +68,15 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _attention_line(cfg: Config, device: torch.device) -> str:
+    """The attention backend each of this model's cases runs (auto decides per case, head dim and dtype)."""
+    v, m = encoder_variant(cfg), cfg.model
+    dtype = getattr(torch, cfg.meta.dtype) if device.type == "cuda" else torch.float32  # the autocast dtype
+    head_dims = {"ragged_context": v.dim // v.heads, "dense_target": v.dim // v.heads,
+                 "dense_predictor": m.pred_embed_dim // (m.pred_num_heads or v.heads)}
+    return attention.describe(device, dtype, head_dims)
+
+
 def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     """Pretrain; returns a summary (steps run, first and last logged loss, metrics path) for callers and tests."""
     use_ds = cfg.meta.backend == "deepspeed" or (cfg.meta.backend == "auto" and local_rank is not None)
@@ -75,6 +85,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
         torch.cuda.set_device(device)
     rank, world = init_distributed(use_ds, device)
     kernels.set_default_impl(cfg.model.kernels)  # before any model runs; env VJEPA_KERNELS still wins
+    attention.set_backend(cfg.model.attention)  # the same: once, before any model runs; env VJEPA_ATTENTION wins
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
     folder = Path(cfg.logging.folder)
@@ -136,7 +147,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     num_gen = len(cfg.mask)
     say(f"training {stop - start_step} steps ({start_step} -> {stop}) on {device}, world size {world}, "
         f"batch {b}/rank, {cfg.num_tokens} tokens/clip, backend {'deepspeed' if use_ds else 'torch'}, "
-        f"kernels {kernels.dispatch.resolve(None, device)}; logs: {folder}")
+        f"kernels {kernels.dispatch.resolve(None, device)}, attention {_attention_line(cfg, device)}; "
+        f"logs: {folder}")
 
     window_losses: list[torch.Tensor] = []
     window_flops, window_start, run_start = 0, time.perf_counter(), time.perf_counter()

@@ -65,6 +65,14 @@ class Packing:
         inverse[order] = torch.arange(order.numel())
         return tuple((n, len(seqs)) for n, seqs in by_len.items()), order, inverse
 
+    @cached_property
+    def padded_rows(self) -> torch.Tensor:
+        """(T,) int64 host tensor: row of each packed token in the padded (S * max_seqlen) layout.
+
+        Only the `sdpa_padded` attention backend pads (a comparison baseline); computed once per packing.
+        """
+        return torch.cat([s * self.max_seqlen + torch.arange(n) for s, n in enumerate(self.seqlens)])
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Packing:
         return Packing(self.seqlens, self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen)
 
