@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,bench,deepspeed]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,bench,deepspeed,dali]"
 	touch $@
 
 demo: setup

@@ -4,6 +4,7 @@ Usage: python benchmarks/report.py bench_*.json. The targets are the kernels iss
 bare GEMM's TFLOP/s, the loss >= 3x the reference and >= 70% of copy bandwidth, the EMA >= 80% of copy bandwidth.
 Attention (the backends issue's): the Triton kernel at least as fast as the best SDPA backend on the predictor's
 dense head dims 24 and 32, within 10% of it at head dim 80, and >= 1.3x the padded SDPA on the ragged context sets.
+The loader (median: seconds per batch): clips/s and frames/s of every decoder, against what the step consumes.
 """
 
 from __future__ import annotations
@@ -58,7 +59,17 @@ def _attention_verdict(r: dict[str, Any], providers: dict[str, dict[str, Any]]) 
     return "; ".join(notes)
 
 
+def _loader_verdict(r: dict[str, Any]) -> str:
+    if r.get("clips_per_s") is None:
+        return ""
+    clips, need = r["clips_per_s"], r["step_needs_clips_per_s"]
+    return (f"{clips:.1f} clips/s, {r['frames_per_s']:.0f} frames/s ({r['decoded_frames_per_s']:.0f} decoded); "
+            f"{clips / need:.2f}x the step's {need:g} clips/s")
+
+
 def _verdict(op: str, name: str, r: dict[str, Any], providers: dict[str, dict[str, Any]]) -> str:
+    if op == "loader":
+        return _loader_verdict(r)
     if name != "triton":
         return ""
     if op == "attention":

@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class DataConfig:
     dataset_type: str = "VideoDataset"  # the only type the engine reads (reference key)
     datasets: list[str] = field(default_factory=list)  # index files, "<path> <label>" per line (reference format)
-    datasets_weights: list[float] | None = None  # per-dataset sampling weights (reference key; data issue)
+    datasets_weights: list[float] | None = None  # per-dataset sampling weights (reference key; V2's sampler)
     decode_one_clip: bool = True  # reference key, accepted for YAML ports; one clip per video is always decoded
     batch_size: int = 24  # clips per GPU per step
     num_clips: int = 1  # clips sampled per video
@@ -42,8 +42,13 @@ class DataConfig:
     patch_size: int = 16  # spatial patch side in pixels
     pin_mem: bool = True  # pin host memory of batches
     num_workers: int = 12  # DataLoader worker processes per GPU
-    filter_short_videos: bool = False  # reference key; short videos are padded with their last frame
-    clip_duration: float | None = None  # seconds per clip instead of a frame step (data issue)
+    filter_short_videos: bool = False  # reference key: skip videos shorter than a clip (else padded, last frame)
+    clip_duration: float | None = None  # reference key: seconds per clip instead of sampling_rate
+    fps: int | None = None  # (V2 key) target frame rate instead of sampling_rate: step = ceil(video fps) // fps
+    decoder: str = "auto"  # (ours) pyav (CPU workers) | dali (NVDEC on GPU, DALI's CPU ops otherwise) | auto
+    max_bad_fraction: float = 0.05  # (ours) stop when more of the entries opened are bad (missing, corrupt, ...)
+    min_video_bytes: int = 1024  # reference rule: smaller files are skipped as bad
+    max_video_bytes: int = 1_000_000_000  # reference rule (filter_long_videos): larger files are skipped as bad
     mask_type: str = "multiblock3d"  # multiblock3d (also the causal variant via max_temporal_keep) | random_tube
     synthetic_root: str | None = None  # (ours) generate the synthetic dataset here when missing; see engine/data
 
@@ -317,6 +322,13 @@ def validate(cfg: Config) -> None:
         (d.crop_size % d.patch_size == 0, f"data.crop_size ({d.crop_size}) must be a multiple of data.patch_size"),
         (d.num_frames % d.tubelet_size == 0, f"data.num_frames ({d.num_frames}) must be a multiple of tubelet_size"),
         (d.batch_size >= 1, "data.batch_size must be >= 1"),
+        (d.decoder in ("auto", "pyav", "dali"), f"data.decoder '{d.decoder}': use auto, pyav or dali"),
+        (d.clip_duration is None or d.fps is None, "set at most one of data.clip_duration and data.fps"),
+        ((d.clip_duration is None or d.clip_duration > 0) and (d.fps is None or d.fps > 0) and d.sampling_rate >= 1,
+         "data.sampling_rate, clip_duration and fps must be positive"),
+        (0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
+        (d.datasets_weights is None or len(d.datasets_weights) == len(d.datasets),
+         "data.datasets_weights needs one weight per entry of data.datasets"),
         (d.mask_type in ("multiblock3d", "random_tube"), f"data.mask_type '{d.mask_type}': use multiblock3d or random_tube"),
         (m.model_name in VARIANTS, f"model.model_name '{m.model_name}' unknown; variants: {', '.join(VARIANTS)}"),
         (m.kernels in ("auto", "triton", "torch"), f"model.kernels '{m.kernels}': use auto, triton or torch"),

@@ -18,8 +18,8 @@ from models import attention
 from .backends import DeepSpeedBackend, TorchBackend
 from .build import build_encoder, build_predictor, encoder_variant
 from .checkpoint import latest_path, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError, save_resolved
-from .data.dataset import PretrainDataset, build_loader
+from .config import Config, save_resolved
+from .data.pipeline import build_training_data, read_run_index
 from .data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from .flops import TransformerDims, step_flops
 from .metrics import MetricsCSV, collapse_diagnostics
@@ -45,16 +45,6 @@ def init_distributed(use_deepspeed: bool, device: torch.device) -> tuple[int, in
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-
-
-def resolve_datasets(cfg: Config) -> list[str]:
-    """Index files of the run, checked to exist (before any model is built, so a typo fails in a second)."""
-    if not cfg.data.datasets:
-        raise ConfigError("data.datasets is empty: list index files ('<video path> <label>' per line)")
-    missing = [p for p in cfg.data.datasets if not Path(p).is_file()]
-    if missing:
-        raise ConfigError(f"data.datasets: index file(s) not found: {', '.join(missing)}")
-    return list(cfg.data.datasets)
 
 
 def _dims(cfg: Config) -> tuple[TransformerDims, TransformerDims, int]:
@@ -94,7 +84,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
         ensure_synthetic_dataset(cfg.data.synthetic_root, SyntheticSpec())
     if use_ds and world > 1:
         torch.distributed.barrier()
-    index_files = resolve_datasets(cfg)
+    index = read_run_index(cfg)  # before any model is built, so a wrong index path fails in a second
 
     # models: the target encoder starts as an exact copy of the context encoder
     torch.manual_seed(cfg.meta.seed)
@@ -133,33 +123,30 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
 
     # data: masks are built in the loader, so the step never waits on host work
     b = cfg.data.batch_size
-    dataset = PretrainDataset(index_files, frames_per_clip=cfg.data.num_frames, frame_step=cfg.data.sampling_rate,
-                              num_clips=cfg.data.num_clips, crop_size=cfg.data.crop_size,
-                              random_resize_scale=cfg.data_aug.random_resize_scale,
-                              random_resize_aspect_ratio=cfg.data_aug.random_resize_aspect_ratio, seed=cfg.meta.seed)
     make_masks = MaskMaker(cfg.mask, cfg.grid, cfg.meta.seed, cfg.data.mask_type)
-    loader = build_loader(dataset, global_batch_size=b * world, rank=rank, world_size=world, make_masks=make_masks,
-                          num_workers=cfg.data.num_workers, start_step=start_step, num_steps=stop - start_step,
-                          pin_memory=cfg.data.pin_mem and device.type == "cuda")
+    data = build_training_data(cfg, index, rank=rank, world=world, device=device, folder=folder, start_step=start_step,
+                               num_steps=stop - start_step, make_masks=make_masks)
     schedules = Schedules.from_config(opt)
     enc_dims, pred_dims, patch_features = _dims(cfg)
     metrics = MetricsCSV(folder / "metrics.csv") if main else None
     num_gen = len(cfg.mask)
     say(f"training {stop - start_step} steps ({start_step} -> {stop}) on {device}, world size {world}, "
         f"batch {b}/rank, {cfg.num_tokens} tokens/clip, backend {'deepspeed' if use_ds else 'torch'}, "
-        f"kernels {kernels.dispatch.resolve(None, device)}, attention {_attention_line(cfg, device)}; "
-        f"logs: {folder}")
+        f"kernels {kernels.dispatch.resolve(None, device)}, attention {_attention_line(cfg, device)}, "
+        f"{data.describe()}; logs: {folder}")
 
     window_losses: list[torch.Tensor] = []
     window_flops, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
     first_loss = last_loss = None
-    for batch in loader:
+    for batch in data.loader:
         step = batch.step
+        video = data.finish(batch)
+        data.account(batch)
         lr, wd, momentum = schedules.at(step)
         clip = opt.clip_grad if step // opt.ipe > opt.warmup else None  # the reference clips after warmup epochs
         log_now = step == start_step or (step + 1) % cfg.logging.log_every == 0 or step == stop - 1
         masks = batch.masks.to(device, non_blocking=True)
-        out = train_step(models, backend, batch.video.to(device, non_blocking=True), masks, lr=lr, wd=wd,
+        out = train_step(models, backend, video, masks, lr=lr, wd=wd,
                          momentum=momentum, clip_grad=clip, loss_exp=cfg.loss.loss_exp, dtype=cfg.meta.dtype,
                          keep_features=log_now)
         window_losses.append(out.loss)
@@ -198,6 +185,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
             window_losses, window_flops, window_start = [], 0, time.perf_counter()
 
         if (step + 1) % cfg.logging.checkpoint_every == 0 or step == stop - 1:
+            data.save_probes()
             _save(cfg, folder, ds_folder, backend, models, step + 1, world, lr, last_loss, use_ds, main)
 
     say(f"done: {stop - start_step} steps in {_format_eta(time.perf_counter() - run_start)}, "

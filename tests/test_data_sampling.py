@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from engine.data.sampling import clip_frame_indices
+from engine.data.sampling import clip_frame_indices, frame_step_for
 
 F, STEP = 16, 4  # V1 pretraining: 16 frames, sampling rate 4, so a clip spans 64 frames
 # floor(linspace(0, 64, 16)) with the last point clipped to 63: stride 64/15 ~ 4.27, not 4.
@@ -91,3 +91,36 @@ def test_determinism_by_rng_seed():
 def test_rejects_video_shorter_than_num_clips():
     with pytest.raises(ValueError, match="cannot be split"):
         clip_frame_indices(2, F, STEP, 3, rng())
+
+
+# ------------------------------------------------------------------------------------ frame step: duration and fps
+
+
+@pytest.mark.parametrize("video_fps, options, expected", [
+    (30.0, {"frame_step": 4}, 4),                    # fixed step: the video's rate does not matter
+    (30.0, {"clip_duration": 2.0}, 3),               # V1: int(2 s * 30 fps / 16) = int(3.75)
+    (25.0, {"clip_duration": 2.0}, 3),               # int(3.125)
+    (60.0, {"clip_duration": 1.0}, 3),               # int(3.75)
+    (29.97, {"fps": 10}, 3),                         # V2: ceil(29.97) // 10
+    (25.0, {"fps": 8}, 3),                           # 25 // 8
+    (24.0, {"fps": 30}, 1),                          # the reference's 0, clamped (documented deviation)
+    (30.0, {"clip_duration": 0.1}, 1),               # int(0.1875) = 0, clamped
+])
+def test_frame_step_modes(video_fps, options, expected):
+    assert frame_step_for(video_fps, F, **options) == expected
+
+
+def test_frame_step_mode_errors():
+    with pytest.raises(ValueError, match="exactly one"):
+        frame_step_for(30.0, F, frame_step=4, fps=10)
+    with pytest.raises(ValueError, match="exactly one"):
+        frame_step_for(30.0, F)
+    with pytest.raises(ValueError, match="frame rate is unknown"):
+        frame_step_for(0.0, F, clip_duration=2.0)
+
+
+def test_duration_mode_clip_spans_the_duration():
+    # 2 s clips of a 30 fps video: step 3, so a clip spans 48 frames = 1.6 s (the reference's int() truncation).
+    step = frame_step_for(30.0, F, clip_duration=2.0)
+    (indices,) = clip_frame_indices(300, F, step, 1, rng(), random_clip_sampling=False)
+    assert indices[0] == 0 and indices[-1] == F * step - 1

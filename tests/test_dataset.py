@@ -2,7 +2,6 @@
 video k is red = green = 10 * i (so decoded values tell which frames were read) and blue = 30 * k + 2 * column (so
 videos differ, and crops and flips show)."""
 
-import logging
 import pickle
 
 import av
@@ -10,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data.dataset import Batch, PretrainDataset, StepBatchSampler, build_loader, make_collate, read_index
-from engine.data.decode import VideoDecodeError, count_frames, decode_frames
+from engine.data.dataset import PretrainDataset, Sample, SampleError
+from engine.data.decode import VideoDecodeError, decode_frames
+from engine.data.index import read_index
+from engine.data.loader import Batch, StepBatchSampler, build_loader, make_collate
+from engine.data.probe import probe_file
 from engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 HEIGHT, WIDTH = 40, 48
@@ -54,9 +56,10 @@ def index_file(videos, tmp_path_factory):
 
 
 def make_dataset(index_file: str, **overrides) -> PretrainDataset:
+    # min_bytes=0: these flat test clips are a few hundred bytes, under the reference's 1 KiB minimum.
     options = dict(frames_per_clip=FPC, frame_step=STEP, num_clips=1, crop_size=CROP, random_resize_scale=(0.3, 1.0),
-                   random_resize_aspect_ratio=(0.75, 1.35), seed=0)
-    return PretrainDataset([index_file], **(options | overrides))
+                   random_resize_aspect_ratio=(0.75, 1.35), seed=0, min_bytes=0)
+    return PretrainDataset(read_index([index_file]), **(options | overrides))
 
 
 def frame_numbers(clip: torch.Tensor) -> np.ndarray:
@@ -68,10 +71,12 @@ def frame_numbers(clip: torch.Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------ decoding
 
 
-def test_count_frames_of_webm(videos):
+def test_probe_counts_frames_of_webm(videos):
     with av.open(videos[0]) as container:
         assert container.streams.video[0].frames == 0  # the container does not know: counting is needed
-    assert [count_frames(path) for path in videos] == list(LENGTHS)
+    probes = [probe_file(path) for path in videos]
+    assert [p.frames for p in probes] == list(LENGTHS)
+    assert all((p.ok, p.width, p.height, p.codec, p.fps) == (True, WIDTH, HEIGHT, "vp9", 25.0) for p in probes)
 
 
 def test_decode_frames_returns_requested_frames(videos):
@@ -85,42 +90,17 @@ def test_decode_frames_returns_requested_frames(videos):
 
 
 def test_decode_errors_name_the_file(videos, tmp_path):
-    with pytest.raises(VideoDecodeError, match="only 12 decodable frames") as error:
+    with pytest.raises(VideoDecodeError, match="truncated: frame 12 requested, only 12 frames decode") as error:
         decode_frames(videos[3], np.array([0, 12]))
     assert error.value.path == videos[3]
     garbage = tmp_path / "garbage.webm"
     garbage.write_bytes(b"not a video" * 300)
     for path in (str(tmp_path / "missing.webm"), str(garbage)):
+        assert not probe_file(path).ok
         with pytest.raises(VideoDecodeError, match="missing.webm|garbage.webm"):
-            count_frames(path)
-        with pytest.raises(VideoDecodeError):
             decode_frames(path, np.array([0]))
     copy = pickle.loads(pickle.dumps(VideoDecodeError("a.webm", "broken")))  # crosses worker processes
     assert (copy.path, copy.reason, str(copy)) == ("a.webm", "broken", "cannot decode video 'a.webm': broken")
-
-
-# --------------------------------------------------------------------------------------------------- index files
-
-
-def test_read_index_concatenates_files(tmp_path):
-    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
-    first.write_text("/data/x.mp4 0\n/data/with space.mp4 7\n\n")
-    second.write_text("/data/y.webm -1")
-    assert read_index([str(first), str(second)]) == (["/data/x.mp4", "/data/with space.mp4", "/data/y.webm"],
-                                                      [0, 7, -1])
-
-
-def test_read_index_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.csv"):
-        read_index([str(tmp_path / "nope.csv")])
-    bad = tmp_path / "bad.csv"
-    bad.write_text("/data/x.mp4 0\n/data/y.mp4,1\n")
-    with pytest.raises(ValueError, match=r"bad\.csv:2: expected"):
-        read_index([str(bad)])
-    empty = tmp_path / "empty.csv"
-    empty.write_text("\n")
-    with pytest.raises(ValueError, match="no videos"):
-        read_index([str(empty)])
 
 
 # ------------------------------------------------------------------------------------------------------- dataset
@@ -130,7 +110,8 @@ def test_item_shape_dtype_label_and_frames(index_file, videos):
     dataset = make_dataset(index_file)
     assert len(dataset) == 4
     for g in range(8):
-        clip, label = dataset[g]
+        sample = dataset[g]
+        clip, label = sample.clips[0], sample.label
         video = dataset.video_of(g)
         assert clip.shape == (3, FPC, CROP, CROP) and clip.dtype == torch.float32
         assert label == LABELS[video]
@@ -141,8 +122,8 @@ def test_item_shape_dtype_label_and_frames(index_file, videos):
 
 
 def test_several_clips_per_video(index_file):
-    clip, _ = make_dataset(index_file, num_clips=2)[0]
-    assert clip.shape == (2, 3, FPC, CROP, CROP)
+    sample = make_dataset(index_file, num_clips=2)[0]
+    assert [c.shape for c in sample.clips] == [(3, FPC, CROP, CROP)] * 2
 
 
 def test_each_data_epoch_visits_every_video_once(index_file):
@@ -155,26 +136,27 @@ def test_each_data_epoch_visits_every_video_once(index_file):
 def test_items_are_a_pure_function_of_seed_and_index(index_file):
     first, second = make_dataset(index_file), make_dataset(index_file)
     for g in (0, 5, 13):
-        assert torch.equal(first[g][0], second[g][0])
+        assert torch.equal(first[g].clips[0], second[g].clips[0])
     # Read out of order, from a fresh dataset: nothing depends on what was read before.
-    assert torch.equal(make_dataset(index_file)[5][0], first[5][0])
-    assert not torch.equal(first[0][0], first[1][0])
-    assert not torch.equal(first[0][0], make_dataset(index_file, seed=1)[0][0])
+    assert torch.equal(make_dataset(index_file)[5].clips[0], first[5].clips[0])
+    assert not torch.equal(first[0].clips[0], first[1].clips[0])
+    assert not torch.equal(first[0].clips[0], make_dataset(index_file, seed=1)[0].clips[0])
 
 
-def test_broken_video_is_replaced_deterministically(videos, tmp_path, caplog):
+def test_broken_video_is_replaced_deterministically(videos, tmp_path):
+    missing = str(tmp_path / "missing.webm")
     index = tmp_path / "index.csv"
-    index.write_text(f"{tmp_path / 'missing.webm'} 9\n{videos[0]} 3\n")
+    index.write_text(f"{missing} 9\n{videos[0]} 3\n")
     dataset = make_dataset(str(index))
     broken = next(g for g in range(10) if dataset.video_of(g) == 0)
-    with caplog.at_level(logging.WARNING):
-        clip, label = dataset[broken]
-    assert label == 3 and "missing.webm" in caplog.text
-    assert torch.equal(make_dataset(str(index))[broken][0], clip)
+    sample = dataset[broken]
+    assert sample.label == 3 and sample.path == videos[0]
+    assert sample.failures == [(missing, "missing: no such file")]
+    assert torch.equal(make_dataset(str(index))[broken].clips[0], sample.clips[0])
 
     all_broken = tmp_path / "broken.csv"
-    all_broken.write_text(f"{tmp_path / 'missing.webm'} 9\n")
-    with pytest.raises(VideoDecodeError, match="missing.webm"):
+    all_broken.write_text(f"{missing} 9\n")
+    with pytest.raises(SampleError, match="3 index entries in a row failed.*\n.*missing.webm: missing"):
         make_dataset(str(all_broken), max_retries=2)[0]
 
 
@@ -216,15 +198,19 @@ def test_loader_batches_and_masks_are_the_same_with_and_without_workers(index_fi
     assert [(b.step, b.first_sample_index) for b in runs[0]] == [(s, 4 * s + 2) for s in steps]
     batch = runs[0][0]
     assert batch.video.shape == (2, 3, FPC, CROP, CROP) and batch.labels.dtype == torch.int64
-    assert torch.equal(batch.video[1], dataset[15][0])  # step 3, rank 1, second sample: 3*4 + 2 + 1
+    assert torch.equal(batch.video[1], dataset[15].clips[0])  # step 3, rank 1, second sample: 3*4 + 2 + 1
+
+
+def fake_sample(global_index: int) -> Sample:
+    return Sample(global_index, 0, 5, "a.webm", [torch.zeros(3, 1, 2, 2)], [False], [np.zeros(1)], [(0, 0, 2, 2)])
 
 
 def test_collate_rejects_non_consecutive_indices():
     collate = make_collate(record_masks, 4)
-    clip = torch.zeros(3, 1, 2, 2)
     with pytest.raises(ValueError, match="consecutive"):
-        collate([(0, clip, 0), (2, clip, 0)])
-    assert pickle.loads(pickle.dumps(collate))([(4, clip, 0)]).step == 1
+        collate([fake_sample(0), fake_sample(2)])
+    batch = pickle.loads(pickle.dumps(collate))([fake_sample(4)])
+    assert batch.step == 1 and batch.labels.tolist() == [5] and batch.paths == ["a.webm"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning memory needs an accelerator")

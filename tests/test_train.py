@@ -55,7 +55,7 @@ def test_resume_continues_at_the_right_step(tiny_config, tmp_path):
 def test_missing_index_file_is_a_clear_error(tiny_config, tmp_path):
     from engine.config import ConfigError
 
-    with pytest.raises(ConfigError, match="index file\\(s\\) not found: .*nope.csv"):
+    with pytest.raises(ConfigError, match="data.datasets: index file not found: .*nope.csv"):
         train(tiny_config(f"--data.datasets=[\"{tmp_path}/nope.csv\"]"))
 
 

@@ -1,241 +1,191 @@
-"""Pretraining video dataset and the step-indexed loader around it (reference spec §5.1, §5.2, §5.4).
+"""The pretraining dataset: global sample index -> one video's clip(s), decoded by PyAV or planned for DALI (reference
+spec §5.1-§5.3).
 
-Everything random is a pure function of `(seed, global sample index)`, so any step of any rank can be rebuilt
+Everything random is a pure function of `(seed, global sample index g)`, so any step of any rank can be rebuilt
 without replaying the ones before it (resume skips batches without decoding them):
 
-* global index `g` -> video: `perm_e[g % N]`, with `perm_e` a permutation of the N videos seeded by
-  `(seed, e = g // N)` (one "data epoch" per pass over the index);
-* clip position, crop box and flip: generators seeded by `(seed, g, purpose)`;
-* step `s` on rank `r` of `W` with global batch `GB` (local `B = GB / W`) takes `g = s*GB + r*B + b`, b < B.
+* `g` -> index entry: `order_e[g % N]`, `order_e` a permutation of the N entries seeded by `(seed, e = g // N)`, one
+  "data epoch" per pass; with `datasets_weights`, `order_e` is instead N weighted draws with replacement (V2's
+  sampler: V1 draws without replacement over all N, which only reorders the entries and ignores the weights);
+* the k-th attempt's clip position, crop box and flip: generators seeded by `(seed, g, purpose, k)`;
+* the entry replacing a bad one: a generator seeded by `(seed, g, retry)`.
 
-How step and first index reach the collate function: `build_loader` wraps the dataset so each item is
-`(g, clip, label)` and the collate function reads `g` of the first item (`step = g // GB`); the batch sampler alone
-decides which indices a batch holds, and the dataset's own `__getitem__` stays `(clip, label)`.
+Deviation, written down: the reference shuffles with a DistributedSampler (seed 0, `set_epoch`) and draws clip
+positions and crops from each loader worker's global NumPy / Python RNG, so its samples depend on the worker count and
+on which worker loads what; here they depend on nothing but the seed and `g`, and each rank reads its own shard of
+every step (`engine.data.loader`) as the reference's sampler does.
+
+An entry that fails (missing, empty, not a video, too short, damaged, ...) is replaced by another drawn from the
+sample's own generator, and the failure is returned with the sample, for the training process to report
+(`engine.data.bad_videos`). Probes (`engine.data.probe`) catch most failures before any decoding.
 """
 
-import logging
-import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from engine.data.decode import VideoDecodeError, count_frames, decode_frames
-from engine.data.sampling import clip_frame_indices
-from engine.data.transforms import pretrain_transform
-
-logger = logging.getLogger(__name__)
+from engine.data.decode import VideoDecodeError, decode_frames
+from engine.data.index import VideoIndex, is_image
+from engine.data.probe import MAX_BYTES, MIN_BYTES, Probe, ProbeTable, within_size_limits
+from engine.data.sampling import clip_frame_indices, frame_step_for
+from engine.data.transforms import draw_crop_and_flip, finish_clip
 
 # Purpose tags keep the random streams of one sample (and the epoch order) independent of each other.
 _TAG_ORDER, _TAG_CLIP, _TAG_AUGMENT, _TAG_RETRY = 0, 1, 2, 3
 
-# Greedy path: a path may contain spaces, the label is whatever follows the last one.
-_INDEX_LINE = re.compile(r"(.+) (-?[0-9]+)")
+# How far a worker takes a sample: "clip" = normalised float32 clips (CPU training), "crop" = uint8 crops whose resize
+# and normalisation run on the GPU, "encoded" = the file's bytes and the clip plan, for DALI (crops for what DALI
+# cannot decode).
+OUTPUTS = ("clip", "crop", "encoded")
 
 
 def _rng(*entropy: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(entropy)))
 
 
-def read_index(paths: Sequence[str]) -> tuple[list[str], list[int]]:
-    """Video paths and integer labels from index files in the reference format, concatenated in order.
+class SampleError(RuntimeError):
+    """Every entry tried for one sample failed; lists them with their reasons."""
 
-    Each non-blank line is `<video path> <integer label>`, separated by a single space, with no header (the label
-    is ignored by pretraining).
-    """
-    videos: list[str] = []
-    labels: list[int] = []
-    for index_path in paths:
-        try:
-            with open(index_path) as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"index file not found: {index_path}") from None
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            match = _INDEX_LINE.fullmatch(line)
-            if match is None:
-                raise ValueError(f"{index_path}:{line_number}: expected '<video path> <integer label>', got {line!r}")
-            videos.append(match[1])
-            labels.append(int(match[2]))
-    if not videos:
-        raise ValueError(f"the index files {list(paths)} list no videos")
-    return videos, labels
+
+@dataclass
+class Sample:
+    """One global sample: its clips in the form `output` asked for, and what failed on the way."""
+
+    global_index: int
+    entry: int  # the index entry finally used
+    label: int
+    path: str
+    clips: list[torch.Tensor]  # "clip": float32 (3, F, crop, crop) each; "crop": uint8 (F, h, w, 3); "encoded": []
+    flips: list[bool]
+    frame_indices: list[np.ndarray]
+    boxes: list[tuple[int, int, int, int]]  # (top, left, h, w) in the native frame
+    encoded: np.ndarray | None = None  # the whole file, uint8, when DALI decodes this sample
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of the entries replaced
+    probes: list[tuple[int, Probe]] = field(default_factory=list)  # probes made while loading (for the cache)
 
 
 class PretrainDataset(torch.utils.data.Dataset):
-    """Map-style dataset keyed by the global sample index `g` (any `g >= 0`, not only `g < len(self)`).
+    """Map-style dataset keyed by the global sample index `g` (any `g >= 0`, not only `g < len(self)`); item `g` is
+    a `Sample`. The frame step is one of `frame_step`, `clip_duration` (seconds) or `fps` (spec §5.2)."""
 
-    Item `g` is `(clip, label)`: the clip is float32 (3, F, crop, crop), or (num_clips, 3, F, crop, crop) when
-    `num_clips > 1`, each clip cropped and flipped independently. A video that fails to decode is replaced by
-    another one drawn from the sample's own generator (deterministic, as the reference's retry but seeded); after
-    `max_retries` replacements the error is raised.
-    """
-
-    def __init__(self, index_files: Sequence[str], *, frames_per_clip: int, frame_step: int, num_clips: int,
-                 crop_size: int, random_resize_scale: tuple[float, float],
-                 random_resize_aspect_ratio: tuple[float, float], seed: int, max_retries: int = 10):
-        self.videos, self.labels = read_index(index_files)
+    def __init__(self, index: VideoIndex, *, frames_per_clip: int, num_clips: int, crop_size: int,
+                 random_resize_scale: tuple[float, float], random_resize_aspect_ratio: tuple[float, float], seed: int,
+                 frame_step: int | None = 4, clip_duration: float | None = None, fps: int | None = None,
+                 filter_short_videos: bool = False, min_bytes: int = MIN_BYTES, max_bytes: int = MAX_BYTES,
+                 max_retries: int = 10, output: str = "clip", dali_codecs: Collection[str] = (),
+                 probes: ProbeTable | None = None):
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        frame_step_for(25.0, frames_per_clip, frame_step=frame_step, clip_duration=clip_duration, fps=fps)  # checks
+        self.index = index
         self.frames_per_clip = frames_per_clip
-        self.frame_step = frame_step
         self.num_clips = num_clips
         self.crop_size = crop_size
         self.scale = tuple(random_resize_scale)
         self.ratio = tuple(random_resize_aspect_ratio)
         self.seed = seed
+        self.step_options = {"frame_step": frame_step, "clip_duration": clip_duration, "fps": fps}
+        self.filter_short_videos = filter_short_videos
+        self.size_limits = (min_bytes, max_bytes)
         self.max_retries = max_retries
-        self._order_epoch = -1  # the data epoch whose permutation is cached in _order
+        self.output = output
+        self.dali_codecs = frozenset(dali_codecs)
+        self.probes = probes if probes is not None else ProbeTable(index)
+        self._order_epoch = -1  # the data epoch whose order is cached in _order
         self._order = np.empty(0, dtype=np.int64)
 
     def __len__(self) -> int:
-        """Number of videos in the index."""
-        return len(self.videos)
+        """Number of entries in the index."""
+        return len(self.index)
 
     def video_of(self, global_index: int) -> int:
-        """Position in the index of the video that global sample `global_index` reads (before any retry)."""
+        """The index entry that global sample `global_index` reads first (before any replacement)."""
         epoch, offset = divmod(global_index, len(self))
         if epoch != self._order_epoch:
-            self._order = _rng(self.seed, epoch, _TAG_ORDER).permutation(len(self))
+            rng = _rng(self.seed, epoch, _TAG_ORDER)
+            n = len(self)
+            weights = self.index.weights
+            self._order = rng.permutation(n) if weights is None else rng.choice(n, size=n, p=weights)
             self._order_epoch = epoch
         return int(self._order[offset])
 
-    def __getitem__(self, global_index: int) -> tuple[torch.Tensor, int]:
-        """Clip(s) and label of global sample `global_index`; the same index always gives the same tensor."""
+    def __getitem__(self, global_index: int) -> Sample:
+        return self.load(global_index)
+
+    def load(self, global_index: int, *, output: str | None = None, banned: Mapping[str, str] | None = None) -> Sample:
+        """Sample `global_index`; `output` overrides the dataset's; entries whose path is in `banned` fail with the
+        reason given there, unopened (how the DALI fallback replaces a file that no decoder could read)."""
+        banned = banned or {}
         if global_index < 0:
             raise IndexError(f"global sample index must be >= 0, got {global_index}")
-        video = self.video_of(global_index)
-        clip_rng = _rng(self.seed, global_index, _TAG_CLIP)
-        augment_rng = _rng(self.seed, global_index, _TAG_AUGMENT)
+        output = output or self.output
+        entry = self.video_of(global_index)
         retry_rng = _rng(self.seed, global_index, _TAG_RETRY)
+        failures: list[tuple[str, str]] = []
+        fresh: list[tuple[int, Probe]] = []
         for attempt in range(self.max_retries + 1):
-            try:
-                frames = self._decode_clips(self.videos[video], clip_rng)
-                break
-            except VideoDecodeError as e:
-                if attempt == self.max_retries:
-                    raise
-                logger.warning("%s; sample %d uses another video", e, global_index)
-                video = int(retry_rng.integers(len(self)))
+            path = self.index.paths[entry]
+            probe, is_new = self.probes.probe(entry)
+            if is_new:
+                fresh.append((entry, probe))
+            probe = within_size_limits(probe, *self.size_limits)
+            problem = probe.reason or self._length_problem(probe)
+            if not problem and path in banned:
+                problem = banned[path]
+            if not problem:
+                try:
+                    sample = self._build(global_index, entry, probe, attempt, output)
+                    sample.failures, sample.probes = failures, fresh
+                    return sample
+                except VideoDecodeError as e:
+                    problem = e.reason
+            failures.append((path, problem))
+            entry = int(retry_rng.integers(len(self)))
+        listed = "\n".join(f"  {p}: {r}" for p, r in failures)
+        raise SampleError(f"sample {global_index}: {len(failures)} index entries in a row failed (is the dataset "
+                          f"mounted? check it with `python -m engine.data.inspect INDEX`):\n{listed}")
 
-        clips = [pretrain_transform(frames[i * self.frames_per_clip:(i + 1) * self.frames_per_clip], self.crop_size,
-                                    self.scale, self.ratio, augment_rng) for i in range(self.num_clips)]
-        clip = clips[0] if self.num_clips == 1 else torch.stack(clips)
-        return clip, self.labels[video]
+    def _length_problem(self, probe: Probe) -> str:
+        if is_image(probe.path):
+            return ""
+        if probe.frames < self.num_clips:
+            return f"too short: {probe.frames} frames cannot be split into {self.num_clips} clips"
+        clip_len = self.frames_per_clip * self._frame_step(probe)
+        if self.filter_short_videos and probe.frames < clip_len:
+            return f"too short: {probe.frames} frames < clip length {clip_len} (data.filter_short_videos)"
+        return ""
 
-    def _decode_clips(self, path: str, rng: np.random.Generator) -> np.ndarray:
-        """uint8 frames (num_clips * F, H, W, 3) of all clips of one video, clip after clip."""
-        num_frames = count_frames(path)
-        if num_frames < self.num_clips:
-            raise VideoDecodeError(path, f"{num_frames} frames cannot be split into {self.num_clips} clips")
-        indices = clip_frame_indices(num_frames, self.frames_per_clip, self.frame_step, self.num_clips, rng)
-        return decode_frames(path, np.concatenate(indices))
+    def _frame_step(self, probe: Probe) -> int:
+        return frame_step_for(probe.fps, self.frames_per_clip, **self.step_options)
 
+    def _build(self, global_index: int, entry: int, probe: Probe, attempt: int, output: str) -> Sample:
+        clip_rng = _rng(self.seed, global_index, _TAG_CLIP, attempt)
+        augment_rng = _rng(self.seed, global_index, _TAG_AUGMENT, attempt)
+        f = self.frames_per_clip
+        if is_image(probe.path):  # V2: an image is a clip of F copies of itself
+            indices = [np.zeros(f, np.int64) for _ in range(self.num_clips)]
+        else:
+            indices = clip_frame_indices(probe.frames, f, self._frame_step(probe), self.num_clips, clip_rng)
+        boxes, flips = [], []
+        for _ in range(self.num_clips):
+            box, flip = draw_crop_and_flip(probe.height, probe.width, self.scale, self.ratio, augment_rng)
+            boxes.append(box)
+            flips.append(flip)
+        sample = Sample(global_index, entry, self.index.labels[entry], probe.path, [], flips, indices, boxes)
+        if output == "encoded" and probe.codec in self.dali_codecs and not is_image(probe.path):
+            sample.encoded = np.fromfile(probe.path, dtype=np.uint8)
+            return sample
 
-class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Global sample indices of this rank's part of each step: `[s*GB + r*B + b for b in range(B)]`, B = GB / W.
-
-    Runs from `start_step` for `num_steps` steps, or forever when `num_steps` is None.
-    """
-
-    def __init__(self, global_batch_size: int, rank: int, world_size: int, start_step: int = 0,
-                 num_steps: int | None = None):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-        if global_batch_size < 1 or global_batch_size % world_size:
-            raise ValueError(f"global batch size {global_batch_size} is not a positive multiple of world size "
-                             f"{world_size}")
-        if start_step < 0 or (num_steps is not None and num_steps < 0):
-            raise ValueError(f"need start_step >= 0 and num_steps >= 0, got {start_step}, {num_steps}")
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // world_size
-        self.rank = rank
-        self.start_step = start_step
-        self.num_steps = num_steps
-
-    def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
-        while self.num_steps is None or step < self.start_step + self.num_steps:
-            first = step * self.global_batch_size + self.rank * self.local_batch_size
-            yield list(range(first, first + self.local_batch_size))
-            step += 1
-
-    def __len__(self) -> int:
-        if self.num_steps is None:
-            raise TypeError("an endless StepBatchSampler (num_steps=None) has no length")
-        return self.num_steps
-
-
-@dataclass
-class Batch:
-    """One rank's batch of one step. `video` is (B, 3, F, H, W) float32, or (B, num_clips, 3, F, H, W)."""
-
-    video: torch.Tensor
-    labels: torch.Tensor  # (B,) int64
-    step: int
-    first_sample_index: int  # global index of the batch's first sample; the batch holds B consecutive indices
-    masks: Any  # whatever make_masks returned
-
-    def pin_memory(self) -> "Batch":
-        """Pinned copy, called by DataLoader(pin_memory=True). Masks are pinned only if they have `pin_memory`."""
-        masks = self.masks.pin_memory() if hasattr(self.masks, "pin_memory") else self.masks
-        return replace(self, video=self.video.pin_memory(), labels=self.labels.pin_memory(), masks=masks)
-
-
-class _WithGlobalIndex(torch.utils.data.Dataset):
-    """Item `g` of the wrapped dataset as `(g, clip, label)`, so collate knows which samples it batches."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset):
-        self.dataset = dataset
-
-    def __getitem__(self, global_index: int) -> tuple[int, torch.Tensor, int]:
-        clip, label = self.dataset[global_index]
-        return global_index, clip, label
-
-
-class _Collate:
-    """Stacks `(g, clip, label)` items into a `Batch` and builds its masks (a class, so workers can pickle it)."""
-
-    def __init__(self, make_masks: Callable[[int, int, int], Any], global_batch_size: int):
-        self.make_masks = make_masks
-        self.global_batch_size = global_batch_size
-
-    def __call__(self, items: list[tuple[int, torch.Tensor, int]]) -> Batch:
-        indices = [item[0] for item in items]
-        first = indices[0]
-        if indices != list(range(first, first + len(items))):
-            raise ValueError(f"a batch must hold consecutive global indices, got {indices}")
-        step = first // self.global_batch_size
-        return Batch(video=torch.stack([item[1] for item in items]),
-                     labels=torch.tensor([item[2] for item in items], dtype=torch.int64),
-                     step=step, first_sample_index=first, masks=self.make_masks(step, first, len(items)))
-
-
-def make_collate(make_masks: Callable[[int, int, int], Any], global_batch_size: int) -> Callable[[list], Batch]:
-    """Collate function for `build_loader`'s items `(g, clip, label)`; calls `make_masks(step, first_index, B)`.
-
-    `make_masks` runs in the loader workers, so it must be picklable (a module-level function or such an object).
-    """
-    return _Collate(make_masks, global_batch_size)
-
-
-def _init_worker(worker_id: int) -> None:
-    # Each worker is one of many processes on the host; intra-op threads per worker would oversubscribe the cores.
-    torch.set_num_threads(1)
-
-
-def build_loader(dataset: torch.utils.data.Dataset, *, global_batch_size: int, rank: int, world_size: int,
-                 make_masks: Callable[[int, int, int], Any], num_workers: int, start_step: int = 0,
-                 num_steps: int | None = None, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """DataLoader yielding this rank's `Batch` for steps `start_step, start_step + 1, ...` (endless if num_steps is
-    None). `dataset[g]` must return `(clip, label)` for a global sample index `g`; `num_workers=0` loads in-process.
-    """
-    sampler = StepBatchSampler(global_batch_size, rank, world_size, start_step, num_steps)
-    workers = num_workers > 0
-    return torch.utils.data.DataLoader(
-        _WithGlobalIndex(dataset), batch_sampler=sampler, collate_fn=make_collate(make_masks, global_batch_size),
-        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=workers,
-        # Two batches in flight per worker keep the queue full without holding many decoded batches in memory.
-        prefetch_factor=2 if workers else None, worker_init_fn=_init_worker if workers else None)
+        frames = decode_frames(probe.path, np.concatenate(indices))
+        if frames.shape[1:3] != (probe.height, probe.width):
+            raise VideoDecodeError(probe.path, f"corrupt: frames decode at {frames.shape[2]}x{frames.shape[1]}, the "
+                                               f"stream says {probe.width}x{probe.height}")
+        frames = torch.from_numpy(frames)
+        for k, ((top, left, h, w), flip) in enumerate(zip(boxes, flips)):
+            crop = frames[k * f:(k + 1) * f, top:top + h, left:left + w]
+            sample.clips.append(finish_clip(crop, self.crop_size, flip) if output == "clip" else crop.contiguous())
+        return sample

@@ -1,18 +1,17 @@
-"""Video decoding with PyAV: frame counting and decoding of selected frames to uint8 RGB.
+"""Video decoding with PyAV (the CPU decoder, and the fallback of DALI): selected frames to uint8 RGB.
 
 Decoding is sequential from the first frame: clips are short spans near random positions and PyAV's seeking is
 keyframe-granular and container-dependent, so one forward pass up to the last requested frame is the simple exact
 method. Only the requested frames are converted to RGB, which is most of the per-frame cost at small sizes.
 """
 
-import functools
-
 import av
 import numpy as np
 
 
 class VideoDecodeError(RuntimeError):
-    """A video could not be opened, counted or decoded. Carries the path and the reason."""
+    """A video could not be opened or decoded. Carries the path and the reason (`"<kind>: <detail>"`, the kinds of
+    `engine.data.probe`)."""
 
     def __init__(self, path: str, reason: str):
         super().__init__(f"cannot decode video {path!r}: {reason}")
@@ -24,28 +23,10 @@ class VideoDecodeError(RuntimeError):
         return type(self), (self.path, self.reason)
 
 
-@functools.lru_cache(maxsize=None)
-def count_frames(path: str) -> int:
-    """Number of frames of the first video stream, counted by demuxing packets without decoding.
-
-    Containers such as WebM do not store a frame count (`stream.frames == 0`), so packets are counted instead
-    (the empty packet that flushes the demuxer is not a frame). Cached per path for the life of the process.
-    """
-    try:
-        with av.open(path) as container:
-            stream = _video_stream(container, path)
-            num_frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
-    except av.FFmpegError as e:
-        raise VideoDecodeError(path, str(e)) from e
-    if num_frames == 0:
-        raise VideoDecodeError(path, "the video stream has no frames")
-    return num_frames
-
-
 def decode_frames(path: str, indices: np.ndarray) -> np.ndarray:
     """Frames `indices` (any order, repeats allowed) as uint8 RGB of shape (len(indices), H, W, 3).
 
-    Decodes once from the start up to `max(indices)`.
+    Decodes once from the start up to `max(indices)`. An image file is a one-frame video here.
     """
     indices = np.asarray(indices, dtype=np.int64)
     if indices.ndim != 1 or len(indices) == 0:
@@ -70,13 +51,13 @@ def decode_frames(path: str, indices: np.ndarray) -> np.ndarray:
                 if num_decoded > last:
                     break
     except av.FFmpegError as e:
-        raise VideoDecodeError(path, str(e)) from e
+        raise VideoDecodeError(path, f"corrupt: FFmpeg failed after {num_decoded} frames ({e.strerror or e})") from e
     if last not in decoded:
-        raise VideoDecodeError(path, f"frame {last} requested but the video has only {num_decoded} decodable frames")
+        raise VideoDecodeError(path, f"truncated: frame {last} requested, only {num_decoded} frames decode")
     return np.stack([decoded[i] for i in indices.tolist()])
 
 
 def _video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
     if not container.streams.video:
-        raise VideoDecodeError(path, "the file has no video stream")
+        raise VideoDecodeError(path, "no video stream: the file has none")
     return container.streams.video[0]

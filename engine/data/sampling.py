@@ -6,6 +6,8 @@ are a linspace over that span, so the effective stride is `clip_len / (F - 1)` (
 4), exactly as the reference does it.
 """
 
+import math
+
 import numpy as np
 
 
@@ -62,3 +64,24 @@ def _sample_then_pad(length: int, frames_per_clip: int, frame_step: int) -> np.n
     indices = np.concatenate([np.linspace(0, length, num=num_sampled), np.full(frames_per_clip - num_sampled, length)])
     # For length == 0 (a 1-frame video in overlap mode) the reference clips to -1; 0 is the only real frame.
     return np.clip(indices, 0, max(length - 1, 0)).astype(np.int64)
+
+
+def frame_step_for(video_fps: float, frames_per_clip: int, *, frame_step: int | None = None,
+                   clip_duration: float | None = None, fps: int | None = None) -> int:
+    """The frame step of one video: exactly one of `frame_step` (fixed), `clip_duration` (seconds per clip: V1's
+    `int(duration * fps / F)`) or `fps` (V2's target rate: `ceil(video fps) // fps`) must be given.
+
+    Deviation: where the reference's formula gives 0 (a clip shorter than F frames of the video, or a target rate
+    above the video's), it samples nothing; here the step is 1, so such videos give consecutive frames.
+    """
+    if sum(x is not None for x in (frame_step, clip_duration, fps)) != 1:
+        raise ValueError("give exactly one of frame_step, clip_duration and fps")
+    if frame_step is not None:
+        return frame_step
+    if video_fps <= 0:
+        raise ValueError("the video's frame rate is unknown, so clip_duration / fps cannot set its frame step")
+    if clip_duration is not None:
+        step = int(clip_duration * video_fps / frames_per_clip)
+    else:
+        step = math.ceil(video_fps) // fps
+    return max(step, 1)

@@ -52,23 +52,41 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def draw_crop_and_flip(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                       rng: np.random.Generator, hflip_prob: float = 0.5) -> tuple[tuple[int, int, int, int], bool]:
+    """The random part of the transform: the crop box, then one uniform for the flip (drawn even when `hflip_prob`
+    is 0, so that later draws do not depend on it). Drawn on the host, so every decoder gets the same clip."""
+    box = random_resized_crop_box(height, width, scale, ratio, rng)
+    return box, bool(rng.random() < hflip_prob)
+
+
+def finish_clip(crop: torch.Tensor, crop_size: int, flip: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Already-cropped uint8 frames (F, h, w, 3), on any device -> normalised (3, F, crop_size, crop_size) in `dtype`:
+    bilinear resize (no antialiasing, as the reference), flip, normalise in float32, then cast."""
+    # (F, h, w, C) viewed as (F, C, h, w): a channels-last batch, which interpolate handles without a layout copy.
+    frames = crop.permute(0, 3, 1, 2).float()
+    resized = F.interpolate(frames, size=(crop_size, crop_size), mode="bilinear", align_corners=False,
+                            antialias=False)
+    video = resized.permute(1, 0, 2, 3)  # (C, F, crop, crop)
+    if flip:
+        video = video.flip(-1)
+    mean, std = _MEAN_255.to(video.device), _STD_255.to(video.device)
+    return video.contiguous().sub_(mean).div_(std).to(dtype)
+
+
 def pretrain_transform(frames: np.ndarray | torch.Tensor, crop_size: int, scale: tuple[float, float],
                        ratio: tuple[float, float], rng: np.random.Generator, *,
                        hflip_prob: float = 0.5) -> torch.Tensor:
-    """uint8 frames (F, H, W, 3) -> normalised float32 clip (3, F, crop_size, crop_size).
+    """uint8 frames (F, H, W, 3) -> normalised float32 clip (3, F, crop_size, crop_size): `draw_crop_and_flip`, then
+    the crop, then `finish_clip`."""
+    frames = check_frames(frames)
+    (top, left, h, w), flip = draw_crop_and_flip(frames.shape[1], frames.shape[2], scale, ratio, rng, hflip_prob)
+    return finish_clip(frames[:, top:top + h, left:left + w], crop_size, flip)
 
-    Draws from `rng`, in order: the crop box (`random_resized_crop_box`), then one uniform for the flip, which is
-    drawn even when `hflip_prob` is 0 so that later draws do not depend on it.
-    """
+
+def check_frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """`frames` as a uint8 (F, H, W, 3) tensor (no copy), or a ValueError saying what it is instead."""
     frames = torch.as_tensor(frames)
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames of shape (F, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
-    top, left, h, w = random_resized_crop_box(frames.shape[1], frames.shape[2], scale, ratio, rng)
-
-    # (F, h, w, C) viewed as (F, C, h, w): a channels-last batch, which interpolate handles without a layout copy.
-    crop = frames[:, top:top + h, left:left + w].permute(0, 3, 1, 2).float()
-    resized = F.interpolate(crop, size=(crop_size, crop_size), mode="bilinear", align_corners=False, antialias=False)
-    video = resized.permute(1, 0, 2, 3)  # (C, F, crop, crop)
-    if rng.random() < hflip_prob:
-        video = video.flip(-1)
-    return video.contiguous().sub_(_MEAN_255).div_(_STD_255)
+    return frames

@@ -1,0 +1,94 @@
+"""The last stage of the data path, on the training device: a `Batch`'s clips as the step's input tensor.
+
+* Finished float32 clips (CPU training: the workers did everything) are moved and cast.
+* uint8 crops (GPU training with PyAV) are resized, flipped and normalised on the GPU: the host-to-device copy carries
+  uint8 crops instead of float32 clips (about 4x fewer bytes at 224 px from 256-320 px video, more at 384 px), and the
+  workers' CPU time goes to decoding only.
+* Encoded items go through DALI (NVDEC on GPU). One bad sample fails a whole DALI batch, so a failed batch is decoded
+  again with PyAV, sample by sample; a sample PyAV cannot decode either is replaced as the workers would replace it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from engine.data.dataset import PretrainDataset
+from engine.data.decode import VideoDecodeError, decode_frames
+from engine.data.loader import Batch, ClipParts
+from engine.data.transforms import finish_clip
+
+logger = logging.getLogger(__name__)
+
+
+class ClipFinisher:
+    """`finisher(batch)` -> (B, 3, F, crop, crop) (or (B, num_clips, 3, F, crop, crop)) on `device` in `dtype`.
+
+    May replace samples (DALI fallback), in which case it updates `batch.labels`, `batch.paths` and
+    `batch.sample_failures`.
+    """
+
+    def __init__(self, dataset: PretrainDataset, device: torch.device, dtype: torch.dtype, dali=None):
+        self.dataset = dataset
+        self.device = device
+        self.dtype = dtype
+        self.dali = dali  # an engine.data.dali_decode.DaliClipDecoder, when the dataset plans encoded items
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        if isinstance(batch.video, torch.Tensor):
+            return batch.video.to(self.device, self.dtype, non_blocking=True)
+        parts = batch.video
+        d = self.dataset
+        out = torch.empty(parts.num_samples * parts.num_clips, 3, d.frames_per_clip, d.crop_size, d.crop_size,
+                          dtype=self.dtype, device=self.device)
+        self._finish_crops(parts, out)
+        if parts.encoded:
+            self._decode_encoded(parts, batch, out)
+        shape = (parts.num_samples,) if parts.num_clips == 1 else (parts.num_samples, parts.num_clips)
+        return out.view(*shape, *out.shape[1:])
+
+    def _finish_crops(self, parts: ClipParts, out: torch.Tensor) -> None:
+        flat = parts.crops.to(self.device, non_blocking=True)
+        offset = 0
+        for shape, slot, flip in zip(parts.crop_shapes, parts.crop_slots, parts.crop_flips):
+            numel = shape[0] * shape[1] * shape[2] * 3
+            crop = flat[offset:offset + numel].view(*shape, 3)
+            out[slot] = finish_clip(crop, self.dataset.crop_size, flip, self.dtype)
+            offset += numel
+
+    def _decode_encoded(self, parts: ClipParts, batch: Batch, out: torch.Tensor) -> None:
+        from engine.data.dali_decode import DaliDecodeError
+
+        try:
+            clips = self.dali.decode(parts.encoded, parts.encoded_indices, parts.encoded_boxes, parts.encoded_flips)
+            out[parts.encoded_slots] = clips.to(self.device, self.dtype, non_blocking=True)
+            return
+        except DaliDecodeError as e:
+            logger.warning("DALI failed on step %d (%s); decoding its %d clips again with PyAV", batch.step, e,
+                           len(parts.encoded_slots))
+        by_sample: dict[int, list[int]] = {}
+        for item, slot in enumerate(parts.encoded_slots):
+            by_sample.setdefault(slot // parts.num_clips, []).append(item)
+        for b, items in by_sample.items():
+            self._pyav_fallback(parts, batch, out, b, items)
+
+    def _pyav_fallback(self, parts: ClipParts, batch: Batch, out: torch.Tensor, b: int, items: list[int]) -> None:
+        """Decode sample `b`'s planned clips with PyAV; if that fails too, load a replacement sample."""
+        path, crop_size = batch.paths[b], self.dataset.crop_size
+        try:
+            frames = torch.from_numpy(decode_frames(path, np.concatenate([parts.encoded_indices[i] for i in items])))
+        except VideoDecodeError as e:
+            # Loading the sample again replays its whole history (the workers' failures included) up to this file.
+            sample = self.dataset.load(batch.first_sample_index + b, output="crop", banned={path: e.reason})
+            batch.sample_failures[b] = sample.failures
+            batch.labels[b], batch.paths[b] = sample.label, sample.path
+            for k, (crop, flip) in enumerate(zip(sample.clips, sample.flips)):
+                out[b * parts.num_clips + k] = finish_clip(crop.to(self.device), crop_size, flip, self.dtype)
+            return
+        f = self.dataset.frames_per_clip
+        for k, item in enumerate(items):
+            top, left, h, w = parts.encoded_boxes[item]
+            crop = frames[k * f:(k + 1) * f, top:top + h, left:left + w].to(self.device)
+            out[parts.encoded_slots[item]] = finish_clip(crop, crop_size, parts.encoded_flips[item], self.dtype)

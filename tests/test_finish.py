@@ -1,0 +1,135 @@
+"""The device-side last stage: uint8 crops finished on the device equal the workers' finished clips; DALI batches that
+fail are decoded again with PyAV, and samples no decoder can read are replaced."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.data.dataset import PretrainDataset
+from engine.data.finish import ClipFinisher
+from engine.data.index import read_index
+from engine.data.loader import ClipParts, build_loader
+from tests.video_faults import corrupt_packet, write_image, write_video
+
+FPC, CROP = 4, 24
+
+
+def record_masks(step, first, batch_size):
+    return None
+
+
+@pytest.fixture(scope="module")
+def index_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finish")
+    paths = [write_video(root / f"{i}.webm", 16 + 4 * i, seed=i) for i in range(3)]
+    paths += [write_video(root / "h264.mp4", 20, codec="libx264", seed=5), write_image(root / "photo.png")]
+    index = root / "train.csv"
+    index.write_text("".join(f"{p} {i}\n" for i, p in enumerate(paths)))
+    return str(index)
+
+
+def dataset(index_file, **options):
+    return PretrainDataset(read_index([index_file]), frames_per_clip=FPC, num_clips=options.pop("num_clips", 1),
+                           crop_size=CROP, frame_step=2, random_resize_scale=(0.3, 1.0),
+                           random_resize_aspect_ratio=(0.75, 1.35), seed=1, **options)
+
+
+@pytest.mark.parametrize("num_clips", [1, 2])
+def test_crops_finished_on_the_device_equal_finished_clips(index_file, num_clips):
+    finished = build_loader(dataset(index_file, num_clips=num_clips), global_batch_size=5, rank=0, world_size=1,
+                            make_masks=record_masks, num_workers=0, num_steps=2)
+    crops_data = dataset(index_file, num_clips=num_clips, output="crop")
+    crops = build_loader(crops_data, global_batch_size=5, rank=0, world_size=1, make_masks=record_masks,
+                         num_workers=0, num_steps=2)
+    finish = ClipFinisher(crops_data, torch.device("cpu"), torch.float32)
+    for ready, raw in zip(finished, crops, strict=True):
+        assert isinstance(raw.video, ClipParts) and raw.video.crops.dtype == torch.uint8
+        assert len(raw.video.crop_shapes) == 5 * num_clips and not raw.video.encoded
+        video = finish(raw)
+        assert video.shape == ready.video.shape and video.dtype == torch.float32
+        torch.testing.assert_close(video, ready.video, rtol=0, atol=1e-5)
+        assert torch.equal(finish(ready), ready.video)  # finished clips are only moved
+    half = ClipFinisher(crops_data, torch.device("cpu"), torch.bfloat16)(next(iter(crops)))
+    assert half.dtype == torch.bfloat16  # the step's dtype on GPU
+
+
+def test_crop_bytes_are_what_the_boxes_say(index_file):
+    data = dataset(index_file, output="crop")
+    parts = ClipParts.from_samples([data[g] for g in range(5)], 1)
+    expected = sum(FPC * h * w * 3 for (_, _, h, w) in (data[g].boxes[0] for g in range(5)))
+    assert parts.crops.numel() == expected  # no padding to a common size
+
+
+# ------------------------------------------------------------------------------------------------ DALI and fallback
+
+
+@pytest.fixture(scope="module")
+def vp9_index(tmp_path_factory):
+    """Four good VP9 clips and one whose stream probes fine but fails to decode (a zeroed frame header)."""
+    root = tmp_path_factory.mktemp("dali")
+    paths = [write_video(root / f"{i}.webm", 20 + 2 * i, seed=10 + i) for i in range(4)]
+    paths.append(corrupt_packet(paths[0], root / "corrupt.webm", packet=3))
+    index = root / "train.csv"
+    index.write_text("".join(f"{p} {i}\n" for i, p in enumerate(paths)))
+    return str(index)
+
+
+def dali_decoder(batch_size):
+    from engine.data.dali_decode import DaliClipDecoder
+
+    return DaliClipDecoder(crop_size=CROP, frames_per_clip=FPC, device="cpu", max_batch_size=batch_size)
+
+
+def loaders(index, steps=1):
+    encoded = dataset(index, output="encoded", dali_codecs={"vp9"})
+    crops = dataset(index, output="crop")
+    make = lambda d: build_loader(d, global_batch_size=5, rank=0, world_size=1, make_masks=record_masks,  # noqa: E731
+                                  num_workers=0, num_steps=steps)
+    return encoded, make(encoded), make(crops)
+
+
+def test_dali_batch_matches_the_pyav_path(index_file):
+    data, encoded, crops = loaders(index_file)
+    finish = ClipFinisher(data, torch.device("cpu"), torch.float32, dali_decoder(5))
+    batch, reference = next(iter(encoded)), next(iter(crops))
+    parts = batch.video
+    # VP9 goes to DALI; the H.264 file (DALI's CPU decoder lacks it) and the image arrive as PyAV crops.
+    assert len(parts.encoded) == 3 and len(parts.crop_shapes) == 2
+    video = finish(batch)
+    expected = ClipFinisher(data, torch.device("cpu"), torch.float32)(reference)
+    # Same frames, boxes and flips; only the YUV->RGB conversions differ (DALI interpolates 4:2:0 chroma, PyAV
+    # repeats it): ~0.07 here on saturated noise (~4 levels of 255), against ~0.7 for a wrong flip.
+    slots = parts.encoded_slots
+    error = (video[slots] - expected[slots]).abs().mean()
+    assert error < 0.15 and error < 0.25 * (video[slots] - expected[slots].flip(-1)).abs().mean()
+    assert torch.equal(video[parts.crop_slots], expected[parts.crop_slots])
+
+
+def test_failed_dali_batch_is_decoded_with_pyav_and_bad_samples_replaced(vp9_index, caplog):
+    data, encoded, crops = loaders(vp9_index)
+    batch, reference = next(iter(encoded)), next(iter(crops))
+    corrupt = vp9_index.replace("train.csv", "corrupt.webm")
+    assert corrupt in batch.paths and not batch.failures  # the probe could not tell
+    finish = ClipFinisher(data, torch.device("cpu"), torch.float32, dali_decoder(5))
+    video = finish(batch)
+    assert "DALI failed on step 0" in caplog.text and "decoding its 5 clips again with PyAV" in caplog.text
+    assert corrupt not in batch.paths  # the finisher replaced it
+    # The PyAV path's worker met the same file: it decoded it, failed and replaced it the same way.
+    assert batch.failures == reference.failures and {p for p, _ in batch.failures} == {corrupt}
+    assert batch.failures[0][1].startswith("corrupt: FFmpeg failed after 3 frames")
+    assert reference.paths == batch.paths and torch.equal(reference.labels, batch.labels)
+    expected = ClipFinisher(data, torch.device("cpu"), torch.float32)(reference)
+    torch.testing.assert_close(video, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_crops_finished_on_the_gpu(index_file):
+    data = dataset(index_file, num_clips=2, output="crop")
+    batch = next(iter(build_loader(data, global_batch_size=5, rank=0, world_size=1, make_masks=record_masks,
+                                   num_workers=0, num_steps=1, pin_memory=True)))
+    assert batch.video.crops.is_pinned()
+    on_gpu = ClipFinisher(data, torch.device("cuda"), torch.bfloat16)(batch)
+    on_cpu = ClipFinisher(data, torch.device("cpu"), torch.float32)(batch)
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.bfloat16
+    torch.testing.assert_close(on_gpu.float().cpu(), on_cpu, rtol=1e-2, atol=2e-2)  # bf16 rounding
