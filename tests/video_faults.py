@@ -14,13 +14,15 @@ SIZE = 64
 
 
 def write_video(path: str | Path, num_frames: int, *, codec: str = "libvpx-vp9", seed: int = 0,
-                options: dict[str, str] | None = None) -> str:
-    """A `SIZE`-square video of `num_frames` frames of smooth noise (so it is well over 1 KiB), 25 fps."""
+                options: dict[str, str] | None = None, stream_options: dict[str, str] | None = None) -> str:
+    """A `SIZE`-square video of `num_frames` frames of smooth noise (so it is well over 1 KiB), 25 fps. `options` go
+    to the muxer, `stream_options` to the encoder (keyframe interval, B-frames)."""
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 255, (SIZE // 8, SIZE // 8, 3)).astype(np.uint8).repeat(8, 0).repeat(8, 1)
     with av.open(str(path), "w", options=options or {}) as container:
         stream = container.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
+        stream.options = stream_options or {}
         for i in range(num_frames):
             frame = np.roll(base, i, axis=1) // 2 + rng.integers(0, 128, base.shape, dtype=np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
