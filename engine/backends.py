@@ -8,6 +8,8 @@ Both use AdamW with the reference's four parameter groups (spec 4.3): weights of
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -134,8 +136,15 @@ class DeepSpeedBackend(Backend):
         self.engine.step()  # optimizer step and zero_grad
         return norms
 
-    def save(self, folder: str, tag: str, client_state: dict[str, Any]) -> None:
+    def save(self, folder: str, tag: str, client_state: dict[str, Any], keep_last: int) -> None:
+        """Collective. DeepSpeed writes `latest` after the tag's files, so a partial tag is never resumed from;
+        rank 0 then deletes all but the newest `keep_last` tags."""
         self.engine.save_checkpoint(folder, tag=tag, client_state=client_state)
+        if self.engine.global_rank == 0:
+            tags = sorted((p for p in Path(folder).iterdir() if p.is_dir() and p.name.startswith("step")),
+                          key=lambda p: int(p.name[4:]))
+            for old in tags[:-keep_last]:
+                shutil.rmtree(old)
 
     def load(self, folder: str) -> dict[str, Any] | None:
         if not os.path.isfile(os.path.join(folder, "latest")):

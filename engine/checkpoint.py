@@ -1,16 +1,22 @@
-"""Atomic checkpoints of the PyTorch backend, in the reference's top-level layout (spec 4.7, 8.1).
+"""Atomic checkpoints of the PyTorch backend, in the reference's top-level layout (spec 4.7, 8.1), and RNG states.
 
-A checkpoint is written to a temporary name and renamed into place, so a crash mid-write never leaves a partial
-file that resume would pick up. Keys: encoder, predictor, target_encoder, opt, epoch, loss, batch_size, world_size,
-lr (the reference's), plus step (the next step to run) and config (the resolved config).
+Each save writes `{tag}-step{N:08d}.pth.tar` under a temporary name and renames it into place, then points
+`{tag}-latest.pth.tar` (the reference's name, what resume reads) at it with a hard link (a copy where the file system
+has none), also by rename: a crash at any moment leaves the previous latest checkpoint or the new one, never half of
+one. The newest `logging.keep_last` step files are kept. Keys: encoder, predictor, target_encoder, opt, epoch, loss,
+batch_size, world_size, lr (the reference's), plus step (the next step to run), config and rng.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -18,11 +24,29 @@ def latest_path(folder: str | Path, write_tag: str) -> Path:
     return Path(folder) / f"{write_tag}-latest.pth.tar"
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    path = Path(path)
+def step_path(folder: str | Path, write_tag: str, step: int) -> Path:
+    return Path(folder) / f"{write_tag}-step{step:08d}.pth.tar"
+
+
+def save_checkpoint(folder: str | Path, write_tag: str, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write the checkpoint of `step`, make it the latest, and delete step files beyond the newest `keep_last`."""
+    path = step_path(folder, write_tag, step)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+    latest = latest_path(folder, write_tag)
+    link = latest.with_name(latest.name + ".tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:  # no hard links (some network and object-store mounts)
+        shutil.copyfile(path, link)
+    os.replace(link, latest)
+    pattern = re.compile(re.escape(write_tag) + r"-step(\d{8})\.pth\.tar")
+    steps = sorted(p for p in Path(folder).iterdir() if pattern.fullmatch(p.name))
+    for old in steps[:-keep_last]:
+        old.unlink()
+    return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -30,3 +54,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (meta.read_checkpoint)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG (torch CPU and CUDA, NumPy, Python), in types `torch.load(weights_only=True)` accepts. The
+    engine's own randomness (masks, clips, crops) is a function of the step and sample index; these cover the rest."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))

@@ -97,6 +97,7 @@ class ModelConfig:
     rescale_init_by_depth: bool = False  # (ours) V2 init: divide attn.proj / mlp.fc2 by sqrt(2*layer); V1 re-inits
     kernels: str = "auto"  # (ours) fused ops: auto (Triton on GPU) | triton | torch (the references); env VJEPA_KERNELS wins
     attention: str = "auto"  # (ours) backend of models/attention.py (auto: measured per GPU); env VJEPA_ATTENTION wins
+    activation_checkpointing: int = 0  # (ours) k > 0: every k-th block of encoder and predictor recomputes in backward
 
 
 @dataclass
@@ -128,6 +129,7 @@ class LoggingConfig:
     write_tag: str = "jepa"  # checkpoint file prefix (reference key)
     log_every: int = 10  # (ours) console line every N steps
     checkpoint_every: int = 300  # (ours) checkpoint every N steps (the reference saves every epoch = ipe steps)
+    keep_last: int = 2  # (ours) step checkpoints kept ({write_tag}-step{N}; {write_tag}-latest is the newest)
 
 
 @dataclass
@@ -334,6 +336,7 @@ def validate(cfg: Config) -> None:
         (m.kernels in ("auto", "triton", "torch"), f"model.kernels '{m.kernels}': use auto, triton or torch"),
         (m.attention in ATTENTION_BACKENDS,
          f"model.attention '{m.attention}': use one of {', '.join(ATTENTION_BACKENDS)}"),
+        (m.activation_checkpointing >= 0, "model.activation_checkpointing must be 0 (off) or k >= 1 (every k-th block)"),
         (m.use_mask_tokens, "model.use_mask_tokens=false (the reference's unused diffusion branch) is not supported"),
         (cfg.meta.dtype in ("bfloat16", "float16", "float32"), "meta.dtype must be bfloat16, float16 or float32"),
         (len(cfg.optimization.ema) == 2, "optimization.ema must be [start, end]"),
@@ -344,8 +347,8 @@ def validate(cfg: Config) -> None:
          "data_aug.auto_augment / motion_shift / reprob are not supported in pretraining (every recipe turns them off)"),
         (cfg.meta.max_steps is None or cfg.meta.max_steps >= 0, "meta.max_steps must be >= 0 or null"),
         (cfg.meta.backend in ("auto", "torch", "deepspeed"), "meta.backend must be auto, torch or deepspeed"),
-        (cfg.logging.log_every >= 1 and cfg.logging.checkpoint_every >= 1,
-         "logging.log_every and logging.checkpoint_every must be >= 1"),
+        (cfg.logging.log_every >= 1 and cfg.logging.checkpoint_every >= 1 and cfg.logging.keep_last >= 1,
+         "logging.log_every, logging.checkpoint_every and logging.keep_last must be >= 1"),
     ]
     if m.model_name in VARIANTS:
         heads = m.pred_num_heads or m.num_heads or VARIANTS[m.model_name].heads

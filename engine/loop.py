@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import math
 import os
+import random
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import kernels
@@ -17,7 +19,7 @@ from models import attention
 
 from .backends import DeepSpeedBackend, TorchBackend
 from .build import build_encoder, build_predictor, encoder_variant
-from .checkpoint import latest_path, load_checkpoint, save_checkpoint
+from .checkpoint import latest_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, save_resolved
 from .data.pipeline import build_training_data, read_run_index
 from .data.synthetic import SyntheticSpec, ensure_synthetic_dataset
@@ -25,6 +27,7 @@ from .flops import TransformerDims, step_flops
 from .metrics import MetricsCSV, collapse_diagnostics
 from .packed_masks import MaskMaker
 from .schedules import Schedules
+from .throughput import ThroughputWindow, step_tokens
 from .step import Models, train_step
 
 
@@ -58,6 +61,10 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _mfu(row: dict[str, Any]) -> str:
+    return "" if math.isnan(row["mfu"]) else f" (MFU {row['mfu']:.0%}, peak {row['peak_mem_gb']:.1f} GB)"
+
+
 def _attention_line(cfg: Config, device: torch.device) -> str:
     """The attention backend each of this model's cases runs (auto decides per case, head dim and dtype)."""
     v, m = encoder_variant(cfg), cfg.model
@@ -68,7 +75,7 @@ def _attention_line(cfg: Config, device: torch.device) -> str:
 
 
 def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
-    """Pretrain; returns a summary (steps run, first and last logged loss, metrics path) for callers and tests."""
+    """Pretrain; returns a summary (steps run, first and last logged loss, every logged loss by step, run folder)."""
     use_ds = cfg.meta.backend == "deepspeed" or (cfg.meta.backend == "auto" and local_rank is not None)
     device = torch.device("cuda", local_rank or 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -87,7 +94,9 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     index = read_run_index(cfg)  # before any model is built, so a wrong index path fails in a second
 
     # models: the target encoder starts as an exact copy of the context encoder
-    torch.manual_seed(cfg.meta.seed)
+    torch.manual_seed(cfg.meta.seed)  # the global RNGs too, so that checkpoints of any two runs compare bit for bit
+    np.random.seed(cfg.meta.seed)
+    random.seed(cfg.meta.seed)
     encoder, predictor = build_encoder(cfg).to(device), build_predictor(cfg).to(device)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)
     models = Models(encoder, predictor, target_encoder)
@@ -102,6 +111,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
         if state is not None:
             target_encoder.load_state_dict(state["target_encoder"])
             start_step = state["step"]
+            set_rng_state(state["rng"])
     else:
         path = latest_path(folder, cfg.logging.write_tag)
         if not path.is_file() and cfg.meta.load_checkpoint:
@@ -111,6 +121,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
             backend.load_state_dict(state)
             target_encoder.load_state_dict(state["target_encoder"])
             start_step = state["step"]
+            if "rng" in state:  # absent from checkpoints of the reference's code
+                set_rng_state(state["rng"])
     total_steps = opt.ipe * opt.epochs
     stop = total_steps if cfg.meta.max_steps is None else min(total_steps, cfg.meta.max_steps)
     if main:
@@ -119,7 +131,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
         say(f"resuming {folder} at step {start_step}")
     if start_step >= stop:
         say(f"nothing to do: step {start_step} >= stop {stop}")
-        return {"steps": 0, "start_step": start_step, "first_loss": None, "last_loss": None, "folder": str(folder)}
+        return {"steps": 0, "start_step": start_step, "first_loss": None, "last_loss": None, "losses": {},
+                "folder": str(folder)}
 
     # data: masks are built in the loader, so the step never waits on host work
     b = cfg.data.batch_size
@@ -129,6 +142,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     schedules = Schedules.from_config(opt)
     enc_dims, pred_dims, patch_features = _dims(cfg)
     metrics = MetricsCSV(folder / "metrics.csv") if main else None
+    if metrics is not None and start_step:
+        metrics.drop_after(start_step)  # rows a killed run logged past its last checkpoint are logged again
     num_gen = len(cfg.mask)
     say(f"training {stop - start_step} steps ({start_step} -> {stop}) on {device}, world size {world}, "
         f"batch {b}/rank, {cfg.num_tokens} tokens/clip, backend {'deepspeed' if use_ds else 'torch'}, "
@@ -136,11 +151,19 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
         f"{data.describe()}; logs: {folder}")
 
     window_losses: list[torch.Tensor] = []
-    window_flops, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
+    window = ThroughputWindow(device, world, b)
+    run_start = time.perf_counter()
     first_loss = last_loss = None
-    for batch in data.loader:
+    logged: dict[int, float] = {}  # step -> mean loss of the window it ends, at full precision (for callers, tests)
+    batches = iter(data.loader)
+    while True:
+        wait_start = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
         step = batch.step
         video = data.finish(batch)
+        data_wait = time.perf_counter() - wait_start
         data.account(batch)
         lr, wd, momentum = schedules.at(step)
         clip = opt.clip_grad if step // opt.ipe > opt.warmup else None  # the reference clips after warmup epochs
@@ -150,29 +173,27 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                          momentum=momentum, clip_grad=clip, loss_exp=cfg.loss.loss_exp, dtype=cfg.meta.dtype,
                          keep_features=log_now)
         window_losses.append(out.loss)
-        window_flops += step_flops(cfg.num_tokens, b, masks.context_packing.seqlens, masks.target_packing.seqlens,
-                                   enc_dims, pred_dims, patch_features).total
+        ctx_lens, tgt_lens = masks.context_packing.seqlens, masks.target_packing.seqlens
+        window.add(step_flops(cfg.num_tokens, b, ctx_lens, tgt_lens, enc_dims, pred_dims, patch_features).total,
+                   step_tokens(b, cfg.num_tokens, ctx_lens, tgt_lens), data_wait)
 
         if log_now:
             losses = torch.stack(window_losses).tolist()  # the only host sync of the loop
             if not all(math.isfinite(v) for v in losses):
                 raise FloatingPointError(f"non-finite loss at step {step}: {losses} (last checkpoint intact)")
-            elapsed = time.perf_counter() - window_start
-            ctx_lens = masks.context_packing.seqlens
             row: dict[str, Any] = {
                 "step": step + 1, "epoch": step // opt.ipe, "loss": sum(losses) / len(losses), "lr": lr, "wd": wd,
                 "momentum": momentum,
                 **{f"context_tokens_{g}": sum(ctx_lens[g * b:(g + 1) * b]) / b for g in range(num_gen)},
                 **{f"target_tokens_{g}": masks.targets_per_generator[g] / b for g in range(num_gen)},
-                "samples_per_s": len(losses) * b * world / elapsed,
-                "model_tflops_per_s": window_flops * world / elapsed / 1e12,
+                **window.row(),
                 "enc_grad_norm": float(out.grad_norms[0]) if out.grad_norms else 0.0,
                 "pred_grad_norm": float(out.grad_norms[1]) if out.grad_norms else 0.0,
                 **collapse_diagnostics(out.target_features, out.predictions),
                 "elapsed_s": time.perf_counter() - run_start,
             }
             first_loss = row["loss"] if first_loss is None else first_loss
-            last_loss = row["loss"]
+            last_loss = logged[step + 1] = row["loss"]
             if metrics is not None:
                 metrics.write(row)
             done = step + 1 - start_step
@@ -180,9 +201,10 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
             tokens = "/".join(f"{row[f'context_tokens_{g}']:.0f}" for g in range(num_gen))
             say(f"step {step + 1}/{stop} | loss {row['loss']:.4f} | lr {lr:.2e} wd {wd:.3f} m {momentum:.5f} | "
                 f"ctx tokens/clip {tokens} of {cfg.num_tokens} | {row['samples_per_s']:.1f} clips/s "
-                f"{row['model_tflops_per_s'] * 1e3:.1f} GFLOP/s | target std {row['target_std_tokens']:.3f} "
+                f"{row['model_tflops_per_s'] * 1e3:.1f} GFLOP/s{_mfu(row)} | data wait {row['data_wait_frac']:.0%} | "
+                f"target std {row['target_std_tokens']:.3f} "
                 f"rank {row['target_rank']:.1f} | eta {_format_eta(eta)}", flush=True)
-            window_losses, window_flops, window_start = [], 0, time.perf_counter()
+            window_losses = []
 
         if (step + 1) % cfg.logging.checkpoint_every == 0 or step == stop - 1:
             data.save_probes()
@@ -191,15 +213,18 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     say(f"done: {stop - start_step} steps in {_format_eta(time.perf_counter() - run_start)}, "
         f"loss {first_loss:.4f} -> {last_loss:.4f}; checkpoint {folder}")
     return {"steps": stop - start_step, "start_step": start_step, "first_loss": first_loss, "last_loss": last_loss,
-            "folder": str(folder)}
+            "losses": logged, "folder": str(folder)}
 
 
 def _save(cfg: Config, folder: Path, ds_folder: str, backend: Any, models: Models, next_step: int, world: int,
           lr: float, loss: float | None, use_ds: bool, main: bool) -> None:
     meta = {"step": next_step, "epoch": next_step // cfg.optimization.ipe, "loss": loss,
-            "batch_size": cfg.data.batch_size, "world_size": world, "lr": lr, "config": cfg.to_dict()}
+            "batch_size": cfg.data.batch_size, "world_size": world, "lr": lr, "config": cfg.to_dict(),
+            "rng": rng_state()}
     if use_ds:  # collective: every rank writes its partition
-        backend.save(ds_folder, f"step{next_step}", {"target_encoder": models.target_encoder.state_dict(), **meta})
+        backend.save(ds_folder, f"step{next_step}", {"target_encoder": models.target_encoder.state_dict(), **meta},
+                     keep_last=cfg.logging.keep_last)
     elif main:
-        save_checkpoint(latest_path(folder, cfg.logging.write_tag),
-                        {**backend.state_dict(), "target_encoder": models.target_encoder.state_dict(), **meta})
+        save_checkpoint(folder, cfg.logging.write_tag, next_step,
+                        {**backend.state_dict(), "target_encoder": models.target_encoder.state_dict(), **meta},
+                        keep_last=cfg.logging.keep_last)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,19 @@ class MetricsCSV:
         if self.path.is_file():  # a resumed run appends under the existing header
             with self.path.open() as f:
                 self.columns = next(csv.reader(f), None)
+
+    def drop_after(self, step: int) -> None:
+        """Remove the rows of steps after `step` (atomically: temporary file, then rename)."""
+        if self.columns is None:
+            return
+        with self.path.open(newline="") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
 
     def write(self, row: dict[str, Any]) -> None:
         new = self.columns is None

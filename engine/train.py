@@ -18,6 +18,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                                      "the config, e.g. --optimization.lr=1e-4 --data.datasets='[\"a.csv\"]'")
     parser.add_argument("--config", help="JSON config (overrides of the paper's ViT-L/16 defaults)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print parameters, FLOPs per clip, a per-GPU memory "
+                        "estimate and the global-batch check, then exit (no data, no GPU, no process group)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     return parser.parse_known_args(argv)
 
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    if args.dry_run:
+        from engine.dry_run import main as dry_run
+
+        return dry_run(cfg, args.config)
     from engine.loop import train  # heavy imports only when training
 
     train(cfg, local_rank=args.local_rank)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blocks import LN_EPS, Block, init_weights
+from .blocks import LN_EPS, Block, init_weights, run_blocks
 from .packing import Packing
 from .pos_embed import sincos_3d
 
@@ -73,6 +73,7 @@ class Predictor(nn.Module):
         self.predictor_blocks = nn.ModuleList(Block(pred_dim, num_heads, int(pred_dim * mlp_ratio)) for _ in range(depth))
         self.predictor_norm = nn.LayerNorm(pred_dim, eps=LN_EPS)
         self.predictor_proj = nn.Linear(pred_dim, embed_dim)
+        self.checkpoint_every = 0  # activation checkpointing, see blocks.run_blocks (set by engine.build)
         init_weights(self, self.predictor_blocks, rescale_init_by_depth)
         with torch.no_grad():
             self.predictor_pos_embed.copy_(sincos_3d(pred_dim, grid, uniform_power)[None])
@@ -90,6 +91,5 @@ class Predictor(nn.Module):
         t = tokens.index_select(0, layout.target_generator) + pos.index_select(0, target_index % self.num_tokens)
         # cat type-promotes (bf16 context, fp32 mask tokens under autocast): the residual stream is fp32, as the ref
         x = torch.cat([x, t]).index_select(0, layout.order)
-        for blk in self.predictor_blocks:
-            x = blk(x, layout.packing)
+        x = run_blocks(self.predictor_blocks, x, layout.packing, self.checkpoint_every)
         return self.predictor_proj(self.predictor_norm(x.index_select(0, layout.target_rows)))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import LN_EPS, Block, init_weights
+from .blocks import LN_EPS, Block, init_weights, run_blocks
 from .packing import Packing
 from .patch_embed import TubeletEmbed
 from .pos_embed import sincos_3d
@@ -55,6 +55,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, variant.dim), requires_grad=False)
         self.blocks = nn.ModuleList(Block(variant.dim, variant.heads, variant.mlp_hidden) for _ in range(variant.depth))
         self.norm = nn.LayerNorm(variant.dim, eps=LN_EPS)
+        self.checkpoint_every = 0  # activation checkpointing, see blocks.run_blocks (set by engine.build)
         init_weights(self, self.blocks, rescale_init_by_depth)
         with torch.no_grad():
             self.pos_embed.copy_(sincos_3d(variant.dim, self.grid, uniform_power)[None])
@@ -62,8 +63,7 @@ class VisionTransformer(nn.Module):
     def forward(self, video: torch.Tensor, token_index: torch.Tensor, packing: Packing) -> torch.Tensor:
         """video (B, C, F, H, W); token_index (T,) int64 ids clip*N + n, grouped by `packing` -> (T, D)."""
         x = self.patch_embed(video, token_index, self.pos_embed)  # embedding + position rows, in the compute dtype
-        for blk in self.blocks:
-            x = blk(x, packing)
+        x = run_blocks(self.blocks, x, packing, self.checkpoint_every)
         return self.norm(x)
 
     def forward_dense(self, video: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,45 @@ def test_packed_step_equals_per_generator_dense_with_truncation():
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("every", [1, 3])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(every):
+    """Recomputing blocks in backward changes memory, not numbers: bitwise the same on the CPU (same kernels)."""
+    cfg, ckpt_cfg = _cfg(), _cfg(f"--model.activation_checkpointing={every}")
+    models, ckpt_models = _models(cfg), _models(ckpt_cfg)
+    assert ckpt_models.encoder.checkpoint_every == ckpt_models.predictor.checkpoint_every == every
+    video = torch.randn(3, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)
+    masks = StepMasks.from_mask_set(sample_masks(cfg.mask, cfg.grid, 3, step=2, seed=1, first_sample_index=6))
+    results = []
+    for m in (models, ckpt_models):
+        loss, _, _ = forward_loss(m, video, masks, loss_exp=1.0, dtype="float32")
+        params = [p for p in [*m.encoder.parameters(), *m.predictor.parameters()] if p.requires_grad]
+        results.append((loss, torch.autograd.grad(loss, params)))
+    (loss, grads), (ckpt_loss, ckpt_grads) = results
+    assert torch.equal(loss, ckpt_loss)
+    assert all(torch.equal(g, c) for g, c in zip(grads, ckpt_grads, strict=True))
+
+
+def test_activation_checkpointing_saves_activations(monkeypatch):
+    """Fewer tensors are kept for backward: counted with saved-tensor hooks over one forward."""
+    cfg = _cfg("--model.activation_checkpointing=1")
+    video = torch.randn(3, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)
+    masks = StepMasks.from_mask_set(sample_masks(cfg.mask, cfg.grid, 3, step=2, seed=1, first_sample_index=6))
+    saved = {}
+    for every in (0, 1):
+        models = _models(cfg)
+        models.encoder.checkpoint_every = models.predictor.checkpoint_every = every
+        numel = [0]
+
+        def pack(t, numel=numel):
+            numel[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward_loss(models, video, masks, loss_exp=1.0, dtype="float32")
+        saved[every] = numel[0]
+    assert saved[1] < 0.5 * saved[0], saved
+
+
 def test_ema_update_formula():
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     expected = [0.9 * p.detach() + 0.1 * q.detach() for p, q in zip(a.parameters(), b.parameters())]

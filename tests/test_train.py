@@ -32,7 +32,11 @@ def test_loss_falls_without_collapse(tiny_config):
         assert float(r["target_std_tokens"]) > 0.2 and float(r["target_rank"]) > 10 and float(r["pred_std"]) > 0
     assert float(rows[-1]["target_rank"]) > 0.8 * float(rows[0]["target_rank"])
     assert {"step", "loss", "lr", "wd", "momentum", "context_tokens_0", "context_tokens_1", "samples_per_s",
-            "model_tflops_per_s", "target_std_clips"} <= set(rows[0])
+            "tokens_per_s", "model_tflops_per_s", "mfu", "peak_mem_gb", "data_wait_s", "data_wait_frac",
+            "target_std_clips"} <= set(rows[0])
+    last = rows[-1]
+    assert float(last["tokens_per_s"]) > 256 * float(last["samples_per_s"])  # target encoder alone runs 256 a clip
+    assert last["mfu"] == "nan" and float(last["peak_mem_gb"]) > 0.1 and 0 <= float(last["data_wait_frac"]) < 1
     assert 0 < float(rows[-1]["context_tokens_1"]) < float(rows[-1]["context_tokens_0"]) < cfg.num_tokens
     resolved = json.loads((ROOT / summary["folder"] / "config.json").read_text())
     assert resolved["meta"]["max_steps"] == 30

@@ -176,5 +176,8 @@ def build_loader(dataset: PretrainDataset, *, global_batch_size: int, rank: int,
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=make_collate(make_masks, global_batch_size, dataset.num_clips),
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=workers,
+        # Its own generator: otherwise creating the iterator draws from the global torch RNG, which a resumed run
+        # restores from the checkpoint, so the RNG state would depend on where the run was resumed.
+        generator=torch.Generator().manual_seed(0),
         # Two batches in flight per worker keep the queue full without holding many decoded batches in memory.
         prefetch_factor=2 if workers else None, worker_init_fn=_init_worker if workers else None)
