@@ -42,11 +42,26 @@ def save_checkpoint(folder: str | Path, write_tag: str, step: int, state: dict[s
     except OSError:  # no hard links (some network and object-store mounts)
         shutil.copyfile(path, link)
     os.replace(link, latest)
-    pattern = re.compile(re.escape(write_tag) + r"-step(\d{8})\.pth\.tar")
-    steps = sorted(p for p in Path(folder).iterdir() if pattern.fullmatch(p.name))
-    for old in steps[:-keep_last]:
+    for old in _step_files(folder, write_tag)[:-keep_last]:
         old.unlink()
     return path
+
+
+def _step_files(folder: str | Path, write_tag: str) -> list[Path]:
+    pattern = re.compile(re.escape(write_tag) + r"-step(\d{8})\.pth\.tar")
+    return sorted(p for p in Path(folder).iterdir() if pattern.fullmatch(p.name))
+
+
+def resume_path(folder: str | Path, write_tag: str) -> Path | None:
+    """The checkpoint a rerun continues from: the newest step file (complete: renamed into place), which is newer than
+    `latest` if a crash came between the two renames; else `latest` (a folder of the reference's code); else None."""
+    if not Path(folder).is_dir():
+        return None
+    steps = _step_files(folder, write_tag)
+    if steps:
+        return steps[-1]
+    latest = latest_path(folder, write_tag)
+    return latest if latest.is_file() else None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

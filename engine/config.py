@@ -142,6 +142,8 @@ class MetaConfig:
     dtype: str = "bfloat16"  # autocast dtype on GPU: bfloat16 | float16 | float32 (CPU always runs float32)
     max_steps: int | None = None  # (ours) stop after this many steps without changing any schedule
     backend: str = "auto"  # (ours) torch | deepspeed | auto (deepspeed when started by its launcher)
+    max_nonfinite_steps: int = 10  # (ours) non-finite losses in a row (each step skipped) before the run stops
+    preempt_grace_s: float = 30.0  # (ours) seconds from SIGTERM to SIGKILL (deepspeed launcher, SLURM KillWait: 30)
 
 
 @dataclass
@@ -347,6 +349,7 @@ def validate(cfg: Config) -> None:
          "data_aug.auto_augment / motion_shift / reprob are not supported in pretraining (every recipe turns them off)"),
         (cfg.meta.max_steps is None or cfg.meta.max_steps >= 0, "meta.max_steps must be >= 0 or null"),
         (cfg.meta.backend in ("auto", "torch", "deepspeed"), "meta.backend must be auto, torch or deepspeed"),
+        (cfg.meta.max_nonfinite_steps >= 1, "meta.max_nonfinite_steps must be >= 1"),
         (cfg.logging.log_every >= 1 and cfg.logging.checkpoint_every >= 1 and cfg.logging.keep_last >= 1,
          "logging.log_every, logging.checkpoint_every and logging.keep_last must be >= 1"),
     ]

@@ -19,10 +19,11 @@ from models import attention
 
 from .backends import DeepSpeedBackend, TorchBackend
 from .build import build_encoder, build_predictor, encoder_variant
-from .checkpoint import latest_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, resume_path, rng_state, save_checkpoint, set_rng_state
 from .config import Config, save_resolved
 from .data.pipeline import build_training_data, read_run_index
 from .data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from .faults import StepGuard
 from .flops import TransformerDims, step_flops
 from .metrics import MetricsCSV, collapse_diagnostics
 from .packed_masks import MaskMaker
@@ -113,10 +114,10 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
             start_step = state["step"]
             set_rng_state(state["rng"])
     else:
-        path = latest_path(folder, cfg.logging.write_tag)
-        if not path.is_file() and cfg.meta.load_checkpoint:
+        path = resume_path(folder, cfg.logging.write_tag)
+        if path is None and cfg.meta.load_checkpoint:
             path = Path(cfg.meta.read_checkpoint or "")
-        if path.is_file() or cfg.meta.load_checkpoint:
+        if path is not None:
             state = load_checkpoint(path)
             backend.load_state_dict(state)
             target_encoder.load_state_dict(state["target_encoder"])
@@ -132,7 +133,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     if start_step >= stop:
         say(f"nothing to do: step {start_step} >= stop {stop}")
         return {"steps": 0, "start_step": start_step, "first_loss": None, "last_loss": None, "losses": {},
-                "folder": str(folder)}
+                "skipped_steps": 0, "preempted": False, "folder": str(folder)}
 
     # data: masks are built in the loader, so the step never waits on host work
     b = cfg.data.batch_size
@@ -155,6 +156,9 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     run_start = time.perf_counter()
     first_loss = last_loss = None
     logged: dict[int, float] = {}  # step -> mean loss of the window it ends, at full precision (for callers, tests)
+    guard = StepGuard(distributed=use_ds and world > 1, max_nonfinite=cfg.meta.max_nonfinite_steps, device=device)
+    last_save_s: float | None = None
+    preempted = False
     batches = iter(data.loader)
     while True:
         wait_start = time.perf_counter()
@@ -171,19 +175,18 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
         masks = batch.masks.to(device, non_blocking=True)
         out = train_step(models, backend, video, masks, lr=lr, wd=wd,
                          momentum=momentum, clip_grad=clip, loss_exp=cfg.loss.loss_exp, dtype=cfg.meta.dtype,
-                         keep_features=log_now)
-        window_losses.append(out.loss)
+                         keep_features=log_now, proceed=lambda loss: guard.check(loss, step))
+        if not out.skipped:
+            window_losses.append(out.loss)
         ctx_lens, tgt_lens = masks.context_packing.seqlens, masks.target_packing.seqlens
         window.add(step_flops(cfg.num_tokens, b, ctx_lens, tgt_lens, enc_dims, pred_dims, patch_features).total,
                    step_tokens(b, cfg.num_tokens, ctx_lens, tgt_lens), data_wait)
 
         if log_now:
-            losses = torch.stack(window_losses).tolist()  # the only host sync of the loop
-            if not all(math.isfinite(v) for v in losses):
-                raise FloatingPointError(f"non-finite loss at step {step}: {losses} (last checkpoint intact)")
+            losses = torch.stack(window_losses).tolist() if window_losses else []  # skipped steps do not count
             row: dict[str, Any] = {
-                "step": step + 1, "epoch": step // opt.ipe, "loss": sum(losses) / len(losses), "lr": lr, "wd": wd,
-                "momentum": momentum,
+                "step": step + 1, "epoch": step // opt.ipe, "loss": sum(losses) / len(losses) if losses else math.nan,
+                "lr": lr, "wd": wd, "momentum": momentum, "skipped_steps": guard.skipped,
                 **{f"context_tokens_{g}": sum(ctx_lens[g * b:(g + 1) * b]) / b for g in range(num_gen)},
                 **{f"target_tokens_{g}": masks.targets_per_generator[g] / b for g in range(num_gen)},
                 **window.row(),
@@ -192,8 +195,10 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                 **collapse_diagnostics(out.target_features, out.predictions),
                 "elapsed_s": time.perf_counter() - run_start,
             }
-            first_loss = row["loss"] if first_loss is None else first_loss
-            last_loss = logged[step + 1] = row["loss"]
+            if losses:  # a window of skipped steps only has no loss
+                guard.record(step, row["loss"])
+                first_loss = row["loss"] if first_loss is None else first_loss
+                last_loss = logged[step + 1] = row["loss"]
             if metrics is not None:
                 metrics.write(row)
             done = step + 1 - start_step
@@ -206,14 +211,27 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                 f"rank {row['target_rank']:.1f} | eta {_format_eta(eta)}", flush=True)
             window_losses = []
 
-        if (step + 1) % cfg.logging.checkpoint_every == 0 or step == stop - 1:
+        saved = (step + 1) % cfg.logging.checkpoint_every == 0 or step == stop - 1
+        if guard.stop:  # preempted: all ranks agreed at this step's check
+            saved = saved or guard.agree_to_save(cfg.meta.preempt_grace_s, last_save_s)
+            preempted = step < stop - 1
+        if saved:
+            save_start = time.perf_counter()
             data.save_probes()
             _save(cfg, folder, ds_folder, backend, models, step + 1, world, lr, last_loss, use_ds, main)
+            last_save_s = time.perf_counter() - save_start
+        if preempted:
+            where = f"saved step {step + 1}" if saved else "no time to save: the last periodic checkpoint stands"
+            say(f"stopping after SIGTERM at step {step + 1} ({where}); rerun the same command to continue",
+                flush=True)
+            break
 
-    say(f"done: {stop - start_step} steps in {_format_eta(time.perf_counter() - run_start)}, "
-        f"loss {first_loss:.4f} -> {last_loss:.4f}; checkpoint {folder}")
-    return {"steps": stop - start_step, "start_step": start_step, "first_loss": first_loss, "last_loss": last_loss,
-            "losses": logged, "folder": str(folder)}
+    steps_run = step + 1 - start_step
+    if not preempted:
+        say(f"done: {steps_run} steps in {_format_eta(time.perf_counter() - run_start)}, "
+            f"loss {first_loss:.4f} -> {last_loss:.4f}, {guard.skipped} skipped (non-finite); checkpoint {folder}")
+    return {"steps": steps_run, "start_step": start_step, "first_loss": first_loss, "last_loss": last_loss,
+            "losses": logged, "skipped_steps": guard.skipped, "preempted": preempted, "folder": str(folder)}
 
 
 def _save(cfg: Config, folder: Path, ds_folder: str, backend: Any, models: Models, next_step: int, world: int,

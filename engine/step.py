@@ -9,6 +9,7 @@ syncs only on logging steps.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ class StepOutput:
     target_features: torch.Tensor | None  # (B, N, D) target encoder output, for collapse diagnostics
     predictions: torch.Tensor | None  # (Tt, D), for collapse diagnostics
     grad_norms: tuple[torch.Tensor, torch.Tensor] | None  # encoder / predictor norms before clipping, when clipped
+    skipped: bool = False  # no backward and no optimizer step: the loss was not finite on some rank
 
 
 def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -72,8 +74,10 @@ def forward_loss(models: Models, video: torch.Tensor, masks: StepMasks, *, loss_
 
 def train_step(models: Models, backend: Backend, video: torch.Tensor, masks: StepMasks, *, lr: float, wd: float,
                momentum: float, clip_grad: float | None, loss_exp: float, dtype: str,
-               keep_features: bool = False) -> StepOutput:
-    """video (B, C, F, H, W) normalised clips; masks built by the loader; schedule values for this step."""
+               keep_features: bool = False, proceed: Callable[[torch.Tensor], bool] | None = None) -> StepOutput:
+    """video (B, C, F, H, W) normalised clips; masks built by the loader; schedule values for this step.
+    `proceed(loss)` (engine.faults.StepGuard) decides after the forward pass whether to run backward and the
+    optimizer step; the EMA runs either way, as in the reference."""
     # schedules
     backend.set_lr_wd(lr, wd)
 
@@ -81,11 +85,14 @@ def train_step(models: Models, backend: Backend, video: torch.Tensor, masks: Ste
     loss, h, pred = forward_loss(models, video, masks, loss_exp=loss_exp, dtype=dtype)
 
     # backward + clip + step
-    backend.backward(loss)
-    grad_norms = backend.clip_and_step(clip_grad)
+    grad_norms = None
+    skipped = proceed is not None and not proceed(loss)
+    if not skipped:
+        backend.backward(loss)
+        grad_norms = backend.clip_and_step(clip_grad)
 
     # EMA
     ema_update(models.target_encoder, models.encoder, momentum)
 
     return StepOutput(loss.detach(), h if keep_features else None, pred.detach() if keep_features else None,
-                      grad_norms)
+                      grad_norms, skipped)

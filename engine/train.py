@@ -38,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         from engine.dry_run import main as dry_run
 
         return dry_run(cfg, args.config)
+    from engine.faults import PREEMPTED_EXIT_CODE
     from engine.loop import train  # heavy imports only when training
 
-    train(cfg, local_rank=args.local_rank)
-    return 0
+    summary = train(cfg, local_rank=args.local_rank)
+    return PREEMPTED_EXIT_CODE if summary["preempted"] else 0
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def test_sigkill_mid_run_then_rerun_is_bit_exact(tiny_config, synthetic_root, tm
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, process.stderr.read()  # killed mid-run, not finished
-    (folder / "jepa-latest.pth.tar.tmp").write_bytes(b"a partial write")  # never picked up
+    (folder / "jepa-step00000099.pth.tar.tmp").write_bytes(b"a partial write")  # never picked up
     rerun = train(tiny_config("--meta.max_steps=16", *STEPS, f"--logging.folder={folder}"))
     assert rerun["start_step"] in (8, 12)
     assert rerun["losses"] == {s: v for s, v in straight["losses"].items() if s > rerun["start_step"]}

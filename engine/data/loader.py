@@ -8,6 +8,7 @@ step's masks in the loader workers, so the training step never waits on host wor
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -164,6 +165,10 @@ def make_collate(make_masks: Callable[[int, int, int], Any], global_batch_size: 
 def _init_worker(worker_id: int) -> None:
     # Each worker is one of many processes on the host; intra-op threads per worker would oversubscribe the cores.
     torch.set_num_threads(1)
+    # The deepspeed launcher sends SIGTERM to the whole process tree, workers included; the training process stops
+    # at a step boundary (engine.faults) and still needs batches until then. Workers die with it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_loader(dataset: PretrainDataset, *, global_batch_size: int, rank: int, world_size: int,

@@ -1,0 +1,115 @@
+"""Faults a long run survives: non-finite losses (skipped, counted, K in a row stop the run) and SIGTERM (stop at a
+step boundary, save, exit 143, and the rerun continues bit for bit)."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import engine.step
+from engine.checkpoint import load_checkpoint, resume_path
+from engine.faults import PREEMPTED_EXIT_CODE, NonFiniteLoss, StepGuard
+from engine.loop import train
+
+from .conftest import ROOT
+
+STEPS = ["--logging.log_every=1", "--optimization.ipe=4", "--optimization.warmup=1"]
+
+
+def poison(monkeypatch, bad_calls):
+    """forward_loss returns NaN on the given (1-based) calls, with its graph intact."""
+    real, calls = engine.step.forward_loss, [0]
+
+    def forward_loss(*args, **kwargs):
+        calls[0] += 1
+        loss, h, pred = real(*args, **kwargs)
+        return (loss * float("nan") if calls[0] in bad_calls else loss), h, pred
+
+    monkeypatch.setattr(engine.step, "forward_loss", forward_loss)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tiny_config, tmp_path, monkeypatch):
+    poison(monkeypatch, {3, 4})
+    summary = train(tiny_config("--meta.max_steps=6", *STEPS, f"--logging.folder={tmp_path}/run"))
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 2
+    assert sorted(summary["losses"]) == [1, 2, 5, 6]  # the skipped steps log no loss (their windows are empty)
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["skipped_steps"] for r in rows] == ["0", "0", "1", "2", "2", "2"]
+    assert [r["loss"] for r in rows][2:4] == ["nan", "nan"]
+
+
+def test_nonfinite_in_a_row_stop_the_run_with_the_last_finite_loss(tiny_config, tmp_path, monkeypatch):
+    poison(monkeypatch, set(range(3, 100)))
+    with pytest.raises(NonFiniteLoss, match=r"3 non-finite losses in a row .* at step 5; the last finite loss was "
+                                            r"[0-9.]+ at step 2\. The last checkpoint is intact"):
+        train(tiny_config("--meta.max_steps=8", "--meta.max_nonfinite_steps=3", "--logging.checkpoint_every=2",
+                          *STEPS, f"--logging.folder={tmp_path}/run"))
+    assert load_checkpoint(resume_path(tmp_path / "run", "jepa"))["step"] == 4  # steps 3-4 skipped, saved intact
+
+
+def test_a_skipped_step_leaves_the_weights_and_moves_the_ema():
+    from engine.backends import TorchBackend
+    from engine.step import Models, train_step
+    from tests.test_step import _cfg, _models
+    from engine.masks import sample_masks
+    from engine.packed_masks import StepMasks
+
+    cfg = _cfg()
+    models = _models(cfg)
+    with torch.no_grad():
+        for p in models.target_encoder.parameters():
+            p.add_(1.0)  # target != online, so an EMA step shows
+    backend = TorchBackend(models.encoder, models.predictor, cfg)
+    video = torch.randn(3, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)
+    masks = StepMasks.from_mask_set(sample_masks(cfg.mask, cfg.grid, 3, step=0, seed=1, first_sample_index=0))
+    online = [p.clone() for p in models.encoder.parameters()]
+    target = [p.clone() for p in models.target_encoder.parameters()]
+    out = train_step(models, backend, video, masks, lr=1e-3, wd=0.04, momentum=0.5, clip_grad=None, loss_exp=1.0,
+                     dtype="float32", proceed=lambda loss: False)
+    assert out.skipped and out.grad_norms is None and not backend.optimizer.state
+    assert all(torch.equal(a, b) for a, b in zip(online, models.encoder.parameters()))
+    assert all(p.grad is None for p in models.encoder.parameters())
+    moved = [torch.allclose(t, 0.5 * t0 + 0.5 * o) for t, t0, o in
+             zip(models.target_encoder.parameters(), target, online)]
+    assert all(moved)
+
+
+def test_save_after_sigterm_only_if_it_fits_the_grace_period():
+    guard = StepGuard(distributed=False, max_nonfinite=3, device=torch.device("cpu"))
+    assert guard.agree_to_save(30.0, 5.0)  # not signalled
+    guard.stop_requested_at = time.monotonic() - 20.0
+    assert guard.agree_to_save(30.0, 5.0) and not guard.agree_to_save(30.0, 15.0)
+    guard.check(torch.tensor(1.0), step=0)
+    assert guard.stop  # the flag reached the step's check
+
+
+def test_sigterm_saves_at_the_next_step_and_the_rerun_continues_bit_exactly(tiny_config, synthetic_root, tmp_path):
+    straight = train(tiny_config("--meta.max_steps=24", *STEPS, f"--logging.folder={tmp_path}/a"))
+    folder = tmp_path / "b"
+    args = [sys.executable, str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.json"),
+            "--data.synthetic_root=null", f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]",
+            "--data.num_workers=1", "--data.batch_size=4", "--meta.max_steps=24", *STEPS,
+            "--logging.checkpoint_every=100", f"--logging.folder={folder}"]
+    # its own session, so that SIGTERM goes to the whole process tree (loader worker included), as the launcher does
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    metrics = folder / "metrics.csv"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 4):  # header + 4 steps
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == PREEMPTED_EXIT_CODE, output
+    assert "stopping after SIGTERM at step" in output and "(saved step" in output
+    stopped_at = load_checkpoint(resume_path(folder, "jepa"))["step"]
+    assert 4 <= stopped_at < 24
+    rerun = train(tiny_config("--meta.max_steps=24", *STEPS, f"--logging.folder={folder}"))
+    assert rerun["start_step"] == stopped_at
+    assert rerun["losses"] == {s: v for s, v in straight["losses"].items() if s > stopped_at}
