@@ -87,6 +87,91 @@ class TorchBackend(Backend):
         self.optimizer.load_state_dict(state["opt"])
 
 
+BF16_NOTICE = ("notice: deepspeed.bf16.enabled: the encoder and predictor weights are bf16 (fp32 master copies in the "
+               "optimizer), a deviation from the reference's fp32 weights under bf16 autocast; the target encoder "
+               "stays fp32")
+
+
+def check_deepspeed_config(ds_config: dict[str, Any]) -> tuple[int, bool]:
+    """(ZeRO stage, bf16 weights) of a deepspeed config section, or a ConfigError for what the backend does not run."""
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if stage >= 3:
+        raise ConfigError("deepspeed.zero_optimization.stage 3 is not supported: it partitions the encoder's "
+                          "parameters, which the target encoder's EMA reads whole, and the reference's per-network "
+                          "clipping is implemented for the gradient partitions of stages 1 and 2; use stage 2")
+    if ds_config.get("gradient_clipping"):
+        raise ConfigError("deepspeed.gradient_clipping clips one global norm every step; the backend clips the "
+                          "encoder and the predictor separately after warmup as the reference: set "
+                          "optimization.clip_grad and leave gradient_clipping out (or 0)")
+    if ds_config.get("managed_gradient_accumulation", True) is False:
+        raise ConfigError("deepspeed.managed_gradient_accumulation=false: the backend clips at the accumulation "
+                          "boundary DeepSpeed counts (leave it out)")
+    if ds_config.get("fp16", {}).get("enabled"):
+        raise ConfigError("deepspeed.fp16 is not supported (fp16 weights with loss scaling); meta.dtype=float16 "
+                          "gives fp16 autocast over fp32 weights")
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
+    if bf16 and stage == 0:
+        raise ConfigError("deepspeed.bf16 with ZeRO stage 0 runs DeepSpeed's FP16_UnfusedOptimizer, which takes a "
+                          "zero-gradient AdamW step when it starts (Adam's step count then starts at 1 and weight decay "
+                          "is applied once more): use ZeRO stage 1 or 2 for bf16 weights")
+    if ds_config.get("torch_autocast", {}).get("enabled"):
+        raise ConfigError("deepspeed.torch_autocast: the step runs its own torch.autocast (meta.dtype); DeepSpeed's "
+                          "only wraps engine.forward, which this engine does not call, and would all-reduce "
+                          "Linear/Conv gradients in bf16: leave it disabled")
+    return stage, bf16
+
+
+def _cast_floating_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook of the bf16-weight mode: floating tensors in the module's dtype (integer indices untouched)."""
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _gradient_shards(opt: Any) -> tuple[list[list[torch.Tensor]], bool, Any]:
+    """Per optimizer param group, the gradient tensors this rank holds at the accumulation boundary (after the
+    data-parallel reduction, before the step reads them), whether they are partitions (squared norms summed over
+    ranks) and the data-parallel group."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    scale = getattr(opt, "loss_scale", 1.0)
+    if scale != 1.0:
+        raise RuntimeError(f"gradients carry a loss scale of {scale}: per-network clipping expects none")
+    if isinstance(opt, DeepSpeedZeroOptimizer):  # stages 1 and 2: this rank's slice of every flattened group
+        if opt.cpu_offload:  # copied into the fp32 partitions' .grad, asynchronously
+            opt._wait_for_offload_copies()
+            return [[p.grad] for p in opt.single_partition_of_fp32_groups], True, opt.dp_process_group
+        groups = []
+        for i in range(len(opt.bit16_groups)):
+            grads = opt.averaged_gradients.get(i)
+            if grads is None:
+                raise RuntimeError(f"ZeRO holds no reduced gradients for param group {i}: clip after backward, at an "
+                                   "accumulation boundary")
+            flat = getattr(grads, "flat_partition", None)  # fp32 accumulation buffer: the slice's tensors view it
+            groups.append([flat] if flat is not None else list(grads))
+        return groups, True, opt.dp_process_group
+    if isinstance(opt, BF16_Optimizer):  # bf16 weights, stage 1 with fp32 accumulation: whole fp32 gradients
+        return [list(g) for g in opt.fp32_groups_gradients], False, None
+    raise ConfigError(f"per-network clipping does not know DeepSpeed's {type(opt).__name__}")
+
+
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+    """Sum of the squared elements (fp32) of tensors on one device or several, on `device`."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for same in _grouped(grads).values():
+        norms = torch._foreach_norm([g.float() for g in same])  # no copy for fp32
+        total = total + torch.stack(norms).square().sum().to(device)
+    return total
+
+
+def _grouped(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    out: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            out.setdefault((t.device, t.dtype), []).append(t)
+    return out
+
+
 class OnlineModels(nn.Module):
     """The trained modules as one nn.Module, which is what deepspeed.initialize takes."""
 
@@ -98,9 +183,35 @@ class OnlineModels(nn.Module):
 class DeepSpeedBackend(Backend):
     """DeepSpeed engine over encoder + predictor with a torch AdamW (no fused_adam JIT build needed).
 
-    ZeRO stage 0 clips as the reference (encoder and predictor separately, after warmup). With stage >= 1 the
-    gradients are partitioned and DeepSpeed clips one global norm at `clip_grad` from the first step: a deviation
-    until the engine issue implements separate clipping on partitioned gradients; a warning says so.
+    Clipping, as the reference: the encoder's and the predictor's gradients are clipped separately at `clip_grad`
+    (the rule of torch's clip_grad_norm_: scale by min(1, clip / (norm + 1e-6))) on the steps the loop passes
+    `clip_grad` (after warmup), at the gradient-accumulation boundary, after the data-parallel reduction and before
+    the optimizer step reads the gradients; the two norms are returned. DeepSpeed's own `gradient_clipping` (one
+    global norm, every step) stays 0. Where the gradients are at that point, by DeepSpeed optimizer:
+      * stage 0, fp32 weights (the torch AdamW itself): whole, in the parameters' .grad: clip_grad_norm_ per network.
+      * stages 1 and 2 (DeepSpeedZeroOptimizer): ZeRO flattens every optimizer param group separately and each rank
+        holds one contiguous slice of each: `averaged_gradients[group]`, the tensors of this rank's slice (views of
+        the reduced .grad; one flat buffer when bf16 weights accumulate in fp32), or with optimizer offload the fp32
+        partition's .grad. Squared norms of groups 0 + 2 (encoder: decayed, not decayed) and 1 + 3 (predictor) are
+        summed over the slice, all-reduced once (2 floats) over the data-parallel group, and each network's slices
+        are scaled in place; DeepSpeed's step then flattens them into the fp32 partition it updates.
+      * bf16 weights, stage 1 with fp32 accumulation (BF16_Optimizer): whole fp32 gradients per group on every rank
+        (all-reduced whole by the engine): no all-reduce of the norms.
+    Stage 3 is refused (ConfigError): it partitions the parameters themselves, which the target encoder's EMA
+    (engine/step.py) reads whole, and keeps its gradient partitions in other structures; both are separate work.
+
+    Precision (the reference: fp32 weights, forward under bf16 autocast, fp32 gradients all-reduced by DDP):
+      * default, faithful (the recipes state it): `bf16.enabled` and `torch_autocast.enabled` false. Weights,
+        gradients, their reduction and the AdamW states are fp32; autocast is engine/step.py's (meta.dtype, on GPU).
+        DeepSpeed's `torch_autocast` is refused: it wraps only engine.forward, which this engine never calls (the step
+        calls the modules), and its other effect is to all-reduce Linear/Conv weight gradients in bf16.
+      * opt-in `bf16.enabled` true, ZeRO stage 1 or 2: DeepSpeed casts the encoder and predictor to bf16 and keeps
+        fp32 master weights in its optimizer; gradients are bf16 and reduced in bf16 (accumulated in fp32 with
+        `data_types.grad_accum_dtype` fp32). A deviation, announced by a one-line notice on rank 0. Floating inputs of
+        the two modules are cast to bf16 (the CPU runs without autocast); the target encoder stays fp32 outside the
+        engine and its EMA reads the bf16 weights; the loss is computed in fp32 as always. Stage 0 is refused with
+        bf16: DeepSpeed's optimizer there (FP16_UnfusedOptimizer) takes a zero-gradient AdamW step at start.
+      * `fp16.enabled` is refused: fp16 weights need loss scaling (meta.dtype=float16 gives fp16 autocast instead).
     """
 
     def __init__(self, encoder: nn.Module, predictor: nn.Module, cfg: Config) -> None:
@@ -114,27 +225,57 @@ class DeepSpeedBackend(Backend):
         ds_config.setdefault("train_micro_batch_size_per_gpu", cfg.data.batch_size)
         ds_config.setdefault("gradient_accumulation_steps", 1)
         ds_config.pop("train_batch_size", None)  # inferred from the two above and the world size
-        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-        if self.stage >= 1 and cfg.optimization.clip_grad:
-            print(f"warning: ZeRO stage {self.stage}: gradients are clipped as one global norm at "
-                  f"{cfg.optimization.clip_grad} from step 0 (the reference clips encoder and predictor separately "
-                  "after warmup; stage 0 does)", flush=True)
-            ds_config["gradient_clipping"] = cfg.optimization.clip_grad
-        else:
-            ds_config["gradient_clipping"] = 0.0
+        self.stage, self.bf16_weights = check_deepspeed_config(ds_config)
+        ds_config["gradient_clipping"] = 0.0  # the backend clips, per network (see the class doc)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=OnlineModels(encoder, predictor), optimizer=_adamw(encoder, predictor, cfg), config=ds_config)
+        if self.bf16_weights:
+            for module in (encoder, predictor):
+                module.register_forward_pre_hook(_cast_floating_inputs)
+            if self.engine.global_rank == 0:
+                print(BF16_NOTICE, flush=True)
 
     def backward(self, loss: torch.Tensor) -> None:
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        opt = self.engine.optimizer
+        if isinstance(opt, ZeROOptimizer):
+            # what engine.forward and the backward prologue it hooks on the outputs would do: the step calls the
+            # modules directly, so ZeRO's per-step hook state and its copy of the accumulation boundary (read by the
+            # gradient hooks during this backward) are set here
+            opt.clear_backward_seen_flag()
+            opt.set_gradient_accumulation_boundary(self.engine.is_gradient_accumulation_boundary())
         self.engine.backward(loss)
 
     def clip_and_step(self, clip_grad: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         norms = None
-        if clip_grad and self.stage == 0:
-            norms = (torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), clip_grad),
-                     torch.nn.utils.clip_grad_norm_(self.predictor.parameters(), clip_grad))
-        self.engine.step()  # optimizer step and zero_grad
+        if clip_grad and self.engine.is_gradient_accumulation_boundary():
+            norms = self._clip_per_network(clip_grad)
+        self.engine.step()  # optimizer step and zero_grad at the boundary; otherwise counts the micro-step
         return norms
+
+    def _clip_per_network(self, clip_grad: float) -> tuple[torch.Tensor, torch.Tensor]:
+        opt = self.engine.optimizer
+        if isinstance(opt, torch.optim.Optimizer):  # stage 0, fp32 weights: whole gradients on the parameters
+            return (torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), clip_grad),
+                    torch.nn.utils.clip_grad_norm_(self.predictor.parameters(), clip_grad))
+        import deepspeed.comm as dist
+        from deepspeed.accelerator import get_accelerator
+
+        groups, partitioned, dp_group = _gradient_shards(opt)
+        if len(groups) != 4:
+            raise RuntimeError(f"expected the 4 parameter groups of engine.backends.param_groups, found {len(groups)}")
+        networks = (groups[0] + groups[2], groups[1] + groups[3])  # encoder (decay, no decay), predictor
+        device = get_accelerator().current_device_name()  # where the collective runs (offloaded partitions: CPU)
+        squares = torch.stack([_sum_of_squares(grads, device) for grads in networks])
+        if partitioned:
+            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=dp_group)
+        norms = squares.sqrt()
+        coefs = (clip_grad / (norms + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+        for grads, coef in zip(networks, coefs):
+            for (where, dtype), same in _grouped(grads).items():
+                torch._foreach_mul_(same, coef.to(device=where, dtype=dtype))
+        return norms[0], norms[1]
 
     def save(self, folder: str, tag: str, client_state: dict[str, Any], keep_last: int) -> None:
         """Collective. DeepSpeed writes `latest` after the tag's files, so a partial tag is never resumed from;
