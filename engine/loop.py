@@ -20,7 +20,7 @@ from models import attention
 from .backends import DeepSpeedBackend, TorchBackend
 from .build import build_encoder, build_predictor, encoder_variant
 from .checkpoint import load_checkpoint, resume_path, rng_state, save_checkpoint, set_rng_state
-from .config import Config, save_resolved
+from .config import Config, ConfigError, save_resolved
 from .data.pipeline import build_training_data, read_run_index
 from .data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from .faults import StepGuard
@@ -78,6 +78,12 @@ def _attention_line(cfg: Config, device: torch.device) -> str:
 def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     """Pretrain; returns a summary (steps run, first and last logged loss, every logged loss by step, run folder)."""
     use_ds = cfg.meta.backend == "deepspeed" or (cfg.meta.backend == "auto" and local_rank is not None)
+    if use_ds and int((cfg.deepspeed or {}).get("gradient_accumulation_steps", 1)) != 1:
+        # The backend clips and steps at accumulation boundaries (tests/test_deepspeed_engine.py), but this loop
+        # would still move the EMA target, the schedules and the mask counter once per micro-batch.
+        raise ConfigError("deepspeed.gradient_accumulation_steps > 1 is not supported by the training loop yet (it "
+                          "would update the EMA target once per micro-batch); use 1, with more GPUs or "
+                          "model.activation_checkpointing to fit the batch")
     device = torch.device("cuda", local_rank or 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -183,7 +189,13 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                    step_tokens(b, cfg.num_tokens, ctx_lens, tgt_lens), data_wait)
 
         if log_now:
-            losses = torch.stack(window_losses).tolist() if window_losses else []  # skipped steps do not count
+            losses = []  # skipped steps do not count (all ranks skip together, so windows have equal lengths)
+            if window_losses:
+                stacked = torch.stack(window_losses)
+                if use_ds and world > 1:  # the logged loss is the mean over ranks of their batch losses
+                    torch.distributed.all_reduce(stacked)
+                    stacked /= world
+                losses = stacked.tolist()
             row: dict[str, Any] = {
                 "step": step + 1, "epoch": step // opt.ipe, "loss": sum(losses) / len(losses) if losses else math.nan,
                 "lr": lr, "wd": wd, "momentum": momentum, "skipped_steps": guard.skipped,

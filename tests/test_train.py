@@ -87,3 +87,40 @@ def test_deepspeed_backend_matches_torch_first_step(tiny_config, synthetic_root,
     assert float(ds_rows[0]["loss"]) == pytest.approx(float(ref_rows[0]["loss"]), rel=1e-5)
     assert float(ds_rows[2]["loss"]) == pytest.approx(float(ref_rows[2]["loss"]), rel=1e-3)
     assert os.path.isfile(f"{tmp_path}/ds/deepspeed/latest")
+
+
+def test_gradient_accumulation_is_refused_until_the_loop_supports_it(tiny_config):
+    from engine.config import ConfigError
+
+    cfg = tiny_config("--meta.backend=deepspeed", '--deepspeed={"gradient_accumulation_steps": 2}')
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps > 1 is not supported by the training loop"):
+        train(cfg)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_of_b_give_the_losses_of_one_rank_of_2b(tiny_config, synthetic_root, tmp_path):
+    """Equal token counts everywhere (random-tube masks keep the same number of tokens in every clip), so the mean
+    over ranks of their batch losses is the loss of the whole batch, and DeepSpeed's gradient average its gradient."""
+    pytest.importorskip("deepspeed")
+    common = ["--data.synthetic_root=null", f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]",
+              "--data.num_workers=0", "--meta.max_steps=3", "--logging.log_every=1", "--data.mask_type=random_tube"]
+    args = ["--config", "configs/tiny_synthetic.json", *common, "--data.batch_size=2", "--meta.backend=deepspeed",
+            f"--logging.folder={tmp_path}/ds"]
+    port = str(_free_port())
+    ranks = [subprocess.Popen([sys.executable, "-c", _DEEPSPEED_RUN, *args, f"--local_rank={r}"], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "step 1/3" in outputs[0] and "step 1/3" not in outputs[1]  # rank 0 alone logs
+    one = train(tiny_config(*common, "--data.batch_size=4", f"--logging.folder={tmp_path}/one"))
+    two = [float(r["loss"]) for r in _rows(f"{tmp_path}/ds")]
+    assert two == pytest.approx([one["losses"][s] for s in (1, 2, 3)], rel=2e-5)
