@@ -7,14 +7,12 @@ Both use AdamW with the reference's four parameter groups (spec 4.3): weights of
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import ds_checkpoint
 from .config import Config, ConfigError
 
 
@@ -280,15 +278,33 @@ class DeepSpeedBackend(Backend):
     def save(self, folder: str, tag: str, client_state: dict[str, Any], keep_last: int) -> None:
         """Collective. DeepSpeed writes `latest` after the tag's files, so a partial tag is never resumed from;
         rank 0 then deletes all but the newest `keep_last` tags."""
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+        client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: ds_checkpoint.universal_info()}
         self.engine.save_checkpoint(folder, tag=tag, client_state=client_state)
         if self.engine.global_rank == 0:
-            tags = sorted((p for p in Path(folder).iterdir() if p.is_dir() and p.name.startswith("step")),
-                          key=lambda p: int(p.name[4:]))
-            for old in tags[:-keep_last]:
-                shutil.rmtree(old)
+            ds_checkpoint.prune_tags(folder, keep_last)
 
     def load(self, folder: str) -> dict[str, Any] | None:
-        if not os.path.isfile(os.path.join(folder, "latest")):
+        """The latest tag's client state after loading it, or None. Collective. A ZeRO-1/2 tag written by another
+        number of ranks goes through DeepSpeed's universal format (engine/ds_checkpoint.py)."""
+        tag = ds_checkpoint.latest_tag(folder)
+        if tag is None:
             return None
-        _, client_state = self.engine.load_checkpoint(folder)
+        saved = ds_checkpoint.saved_world_size(folder, tag)
+        world = self.engine.world_size
+        if not saved or saved == world:
+            _, client_state = self.engine.load_checkpoint(folder, tag=tag)
+            return client_state
+        if self.engine.global_rank == 0:
+            print(f"the checkpoint {tag} was written by {saved} ranks, this run has {world}: converting it to "
+                  f"DeepSpeed's universal format", flush=True)
+            ds_checkpoint.convert_to_universal(folder, tag)
+        ds_checkpoint.barrier()
+        # DeepSpeed reads this switch when loading; set for this load only (the saves stay ordinary).
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            _, client_state = self.engine.load_checkpoint(folder)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         return client_state

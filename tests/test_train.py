@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from engine.loop import train
 
@@ -124,3 +125,30 @@ def test_two_ranks_of_b_give_the_losses_of_one_rank_of_2b(tiny_config, synthetic
     one = train(tiny_config(*common, "--data.batch_size=4", f"--logging.folder={tmp_path}/one"))
     two = [float(r["loss"]) for r in _rows(f"{tmp_path}/ds")]
     assert two == pytest.approx([one["losses"][s] for s in (1, 2, 3)], rel=2e-5)
+
+
+def _launch(world, args, tmp_path):
+    port = str(_free_port())
+    ranks = [subprocess.Popen([sys.executable, "-c", _DEEPSPEED_RUN, *args, f"--local_rank={r}"], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    outputs = [p.communicate(timeout=300)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0] * world, "\n".join(o[-3000:] for o in outputs)
+    return outputs[0]
+
+
+def test_zero2_checkpoint_resumes_on_another_world_size(synthetic_root, tmp_path):
+    """2 ranks write ZeRO-2 partitions; 1 rank resumes through DeepSpeed's universal format, optimizer state included."""
+    pytest.importorskip("deepspeed")
+    args = ["--config", "configs/tiny_synthetic.json", "--data.synthetic_root=null",
+            f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]", "--data.num_workers=0", "--data.batch_size=2",
+            "--logging.log_every=1", "--meta.backend=deepspeed", '--deepspeed={"zero_optimization": {"stage": 2}}',
+            "--logging.keep_last=1", f"--logging.folder={tmp_path}/run"]
+    _launch(2, [*args, "--meta.max_steps=2"], tmp_path)
+    output = _launch(1, [*args, "--meta.max_steps=3"], tmp_path)
+    assert "written by 2 ranks, this run has 1: converting" in output and "resuming" in output
+    folder = tmp_path / "run" / "deepspeed"
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["step3"]  # keep_last=1 took step2 and its copy
+    state = torch.load(folder / "step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    assert float(state["optimizer_state_dict"]["base_optimizer_state"]["state"][0]["step"]) == 3  # 2 loaded + 1
