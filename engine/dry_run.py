@@ -68,14 +68,16 @@ class Memory:
     other: int  # clips, target features, encoder final norm, predictor in/out projections
     blocks: int  # saved block activations, no checkpointing
     blocks_checkpointed: int  # every block checkpointed: block inputs + one block being recomputed
+    blocks_configured: int  # the config's model.activation_checkpointing = k: blocks 0, k, 2k, ... checkpointed
     target_transient: int  # target encoder's no-grad peak, before anything is saved: not added to the others
 
     @property
     def model_states(self) -> int:
         return self.weights + self.target + self.grads + self.optimizer
 
-    def total(self, checkpointed: bool = False) -> int:
-        saved = self.blocks_checkpointed if checkpointed else self.blocks
+    def total(self, checkpointed: bool | None = False) -> int:
+        """Without checkpointing, with every block checkpointed (True), or as configured (None)."""
+        saved = {False: self.blocks, True: self.blocks_checkpointed, None: self.blocks_configured}[checkpointed]
         return self.model_states + max(self.target_transient, self.zero_buffers + self.weight_casts + self.other
                                        + saved)
 
@@ -114,6 +116,7 @@ class DryRun:
     global_batch: int  # world_size * batch_size * accumulation: what this launch trains with
     accumulation: int
     warnings: tuple[str, ...]
+    activation_checkpointing: int = 0  # the config's model.activation_checkpointing
 
     @property
     def num_tokens(self) -> int:
@@ -199,9 +202,26 @@ def memory_estimate(cfg: Config, m: ModelShape, world: int, stage: int, tokens: 
         blocks=enc.depth * ctx * per_enc + pred.depth * pred_tokens * per_pred,
         blocks_checkpointed=enc.depth * ctx * 2 * enc.dim + pred.depth * pred_tokens * 4 * pred.dim
         + max(ctx * per_enc, pred_tokens * per_pred),
+        blocks_configured=_configured_blocks(cfg.model.activation_checkpointing,
+                                             (enc.depth, ctx, 2 * enc.dim, per_enc),
+                                             (pred.depth, pred_tokens, 4 * pred.dim, per_pred)),
         # no grad: at the peak only the bf16 residual and the MLP hidden before and after GELU are alive
         target_transient=b * n * (2 * enc.dim + 4 * enc.mlp_hidden),
     )
+
+
+def _configured_blocks(every: int, enc: tuple[int, int, int, int], pred: tuple[int, int, int, int]) -> int:
+    """Saved block bytes of encoder and predictor, each `(depth, tokens, input bytes, block bytes)` per token, when
+    blocks 0, k, 2k, ... keep only their input (models.blocks.run_blocks); plus one checkpointed block's activations
+    while backward recomputes it (one at a time)."""
+    if every == 0:
+        return sum(depth * tokens * block for depth, tokens, _, block in (enc, pred))
+    saved = recompute = 0
+    for depth, tokens, inputs, block in (enc, pred):
+        checkpointed = -(-depth // every)
+        saved += tokens * (checkpointed * inputs + (depth - checkpointed) * block)
+        recompute = max(recompute, tokens * block)
+    return saved + recompute
 
 
 def dry_run_report(cfg: Config, world_size: int | None = None) -> DryRun:
@@ -225,7 +245,7 @@ def dry_run_report(cfg: Config, world_size: int | None = None) -> DryRun:
         warnings.append(f"deepspeed.train_micro_batch_size_per_gpu {ds['train_micro_batch_size_per_gpu']} != "
                         f"data.batch_size {b}: the loader uses data.batch_size")
     return DryRun(m, cfg.grid, b, packed, truncated, world, stage, memory_estimate(cfg, m, world, stage, peak),
-                  recipe, actual, accum, tuple(warnings))
+                  recipe, actual, accum, tuple(warnings), cfg.model.activation_checkpointing)
 
 
 def format_report(r: DryRun) -> str:
@@ -275,6 +295,8 @@ def format_report(r: DryRun) -> str:
         f"{gib(mem.blocks_checkpointed)}",
         f"  target encoder no-grad peak         {gib(mem.target_transient, 'before the context pass: not added')}",
         f"  total                               {gib(mem.total())}   every block checkpointed {gib(mem.total(True))}",
+        f"  total as configured                 {gib(mem.total(None))}   (model.activation_checkpointing="
+        f"{r.activation_checkpointing})",
         f"  blocks: (20d + 4h + 4 heads + 16) B per token and block = "
         f"{block_activation_bytes(enc.dim, enc.mlp_hidden, m.encoder_heads)} encoder, "
         f"{block_activation_bytes(pred.dim, pred.mlp_hidden, m.predictor_heads)} predictor,",

@@ -197,3 +197,17 @@ def test_train_dry_run_subprocess():
         assert section in out.stdout
     assert "warning" not in out.stdout
     assert elapsed < 60, elapsed
+
+
+def test_memory_as_configured_follows_activation_checkpointing():
+    from engine.config import load_config
+    from engine.dry_run import dry_run_report
+
+    totals = {}
+    for k in (0, 1, 4):
+        cfg = load_config(ROOT / "configs" / "vitl16.json", ["--meta.backend=torch",
+                                                             f"--model.activation_checkpointing={k}"])
+        totals[k] = dry_run_report(cfg, world_size=1).memory
+    assert totals[0].total(None) == totals[0].total(False)  # off: nothing checkpointed
+    assert totals[1].total(None) == totals[1].total(True)  # every block
+    assert totals[1].total(True) < totals[4].total(None) < totals[0].total(False)  # every 4th: in between
