@@ -39,11 +39,14 @@ def _adamw(encoder: nn.Module, predictor: nn.Module, cfg: Config) -> torch.optim
 
 
 class Backend:
-    """What the step needs from an optimizer backend."""
+    """What the step needs from an optimizer backend. A step is `accumulation_steps` micro-batches: `backward` on each
+    whose loss is finite on every rank (its gradient is the micro-batch loss's over `accumulation_steps`, summed),
+    then one `clip_and_step` at the boundary when at least one of them ran."""
 
     optimizer: torch.optim.Optimizer
     encoder: nn.Module
     predictor: nn.Module
+    accumulation_steps: int
 
     def set_lr_wd(self, lr: float, wd: float) -> None:
         for group in self.optimizer.param_groups:
@@ -51,10 +54,14 @@ class Backend:
             if not group.get("WD_exclude", False):
                 group["weight_decay"] = wd
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *, boundary: bool = True) -> None:
+        """Accumulate one micro-batch's gradient; `boundary`: it is the step's last micro-batch."""
         raise NotImplementedError
 
-    def clip_and_step(self, clip_grad: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def clip_and_step(self, clip_grad: float | None, *,
+                      boundary_backward: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Clip (per network, when `clip_grad`) and take the optimizer step; the two norms before clipping, when
+        clipped. `boundary_backward=False`: the last micro-batch ran no backward (its loss was not finite)."""
         raise NotImplementedError
 
 
@@ -62,11 +69,14 @@ class TorchBackend(Backend):
     def __init__(self, encoder: nn.Module, predictor: nn.Module, cfg: Config) -> None:
         self.encoder, self.predictor = encoder, predictor
         self.optimizer = _adamw(encoder, predictor, cfg)
+        self.accumulation_steps = cfg.accumulation_steps
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor, *, boundary: bool = True) -> None:
+        # the mean over micro-batches, as DeepSpeed's engine.backward scales (exact for 1: no division)
+        (loss if self.accumulation_steps == 1 else loss / self.accumulation_steps).backward()
 
-    def clip_and_step(self, clip_grad: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def clip_and_step(self, clip_grad: float | None, *,
+                      boundary_backward: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
         norms = None
         if clip_grad:
             norms = (torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), clip_grad),
@@ -102,8 +112,8 @@ def check_deepspeed_config(ds_config: dict[str, Any]) -> tuple[int, bool]:
                           "encoder and the predictor separately after warmup as the reference: set "
                           "optimization.clip_grad and leave gradient_clipping out (or 0)")
     if ds_config.get("managed_gradient_accumulation", True) is False:
-        raise ConfigError("deepspeed.managed_gradient_accumulation=false: the backend clips at the accumulation "
-                          "boundary DeepSpeed counts (leave it out)")
+        raise ConfigError("deepspeed.managed_gradient_accumulation=false: the step marks the accumulation boundary "
+                          "itself (engine.set_gradient_accumulation_boundary, managed mode only): leave it out")
     if ds_config.get("fp16", {}).get("enabled"):
         raise ConfigError("deepspeed.fp16 is not supported (fp16 weights with loss scaling); meta.dtype=float16 "
                           "gives fp16 autocast over fp32 weights")
@@ -224,6 +234,7 @@ class DeepSpeedBackend(Backend):
         ds_config.setdefault("gradient_accumulation_steps", 1)
         ds_config.pop("train_batch_size", None)  # inferred from the two above and the world size
         self.stage, self.bf16_weights = check_deepspeed_config(ds_config)
+        self.accumulation_steps = int(ds_config["gradient_accumulation_steps"])
         ds_config["gradient_clipping"] = 0.0  # the backend clips, per network (see the class doc)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=OnlineModels(encoder, predictor), optimizer=_adamw(encoder, predictor, cfg), config=ds_config)
@@ -233,23 +244,30 @@ class DeepSpeedBackend(Backend):
             if self.engine.global_rank == 0:
                 print(BF16_NOTICE, flush=True)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *, boundary: bool = True) -> None:
         from deepspeed.runtime.base_optimizer import ZeROOptimizer
 
+        # The step sets the boundary itself (DeepSpeed's documented override) rather than letting the engine count
+        # micro-steps: a micro-batch skipped for a non-finite loss runs no backward, and the engine's count would
+        # then put the boundary (where ZeRO-1 and stage 0 reduce, and ZeRO-2 flushes its buckets) on the wrong one.
+        self.engine.set_gradient_accumulation_boundary(boundary)
         opt = self.engine.optimizer
         if isinstance(opt, ZeROOptimizer):
             # what engine.forward and the backward prologue it hooks on the outputs would do: the step calls the
-            # modules directly, so ZeRO's per-step hook state and its copy of the accumulation boundary (read by the
-            # gradient hooks during this backward) are set here
+            # modules directly, so ZeRO's per-step hook state is reset here
             opt.clear_backward_seen_flag()
-            opt.set_gradient_accumulation_boundary(self.engine.is_gradient_accumulation_boundary())
-        self.engine.backward(loss)
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps
 
-    def clip_and_step(self, clip_grad: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        norms = None
-        if clip_grad and self.engine.is_gradient_accumulation_boundary():
-            norms = self._clip_per_network(clip_grad)
-        self.engine.step()  # optimizer step and zero_grad at the boundary; otherwise counts the micro-step
+    def clip_and_step(self, clip_grad: float | None, *,
+                      boundary_backward: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not boundary_backward:
+            # The last micro-batch was skipped, but the reduction happens in the boundary's backward: run one whose
+            # gradient is exactly zero for every trained parameter (they are finite), so every rank reduces what
+            # the earlier micro-batches accumulated.
+            params = [p for p in self.engine.module.parameters() if p.requires_grad]
+            self.backward(torch.stack([p.sum() for p in params]).sum() * 0.0, boundary=True)
+        norms = self._clip_per_network(clip_grad) if clip_grad else None
+        self.engine.step()  # the optimizer step and zero_grad (the boundary is set)
         return norms
 
     def _clip_per_network(self, clip_grad: float) -> tuple[torch.Tensor, torch.Tensor]:

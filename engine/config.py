@@ -172,6 +172,12 @@ class Config:
         t, h, w = self.grid
         return t * h * w
 
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step: the deepspeed section's `gradient_accumulation_steps`, honoured by both
+        backends (meta.backend=torch included), so that a config means one global batch however it is launched."""
+        return (self.deepspeed or {}).get("gradient_accumulation_steps", 1)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -350,6 +356,8 @@ def validate(cfg: Config) -> None:
         (cfg.meta.max_steps is None or cfg.meta.max_steps >= 0, "meta.max_steps must be >= 0 or null"),
         (cfg.meta.backend in ("auto", "torch", "deepspeed"), "meta.backend must be auto, torch or deepspeed"),
         (cfg.meta.max_nonfinite_steps >= 1, "meta.max_nonfinite_steps must be >= 1"),
+        (type(cfg.accumulation_steps) is int and cfg.accumulation_steps >= 1,
+         f"deepspeed.gradient_accumulation_steps must be an integer >= 1, got {cfg.accumulation_steps!r}"),
         (cfg.logging.log_every >= 1 and cfg.logging.checkpoint_every >= 1 and cfg.logging.keep_last >= 1,
          "logging.log_every, logging.checkpoint_every and logging.keep_last must be >= 1"),
     ]

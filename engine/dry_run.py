@@ -2,8 +2,9 @@
 
 Parameters come from the real modules built on the meta device (no storage); FLOPs per clip from the real mask
 sampler fed to engine/flops.py; the memory figures are an estimate per GPU; the global batch is checked against
-the recipe the config describes (`nodes * tasks_per_node * batch_size`, spec 4.1). The launch's world size is
-WORLD_SIZE (set by the deepspeed launcher) or, without it, the recipe's `nodes * tasks_per_node`.
+the recipe the config describes (`nodes * tasks_per_node * batch_size`, spec 4.1). The launch's world size is 1 with
+meta.backend=torch, else WORLD_SIZE (set by the deepspeed launcher) or, without it, the recipe's
+`nodes * tasks_per_node`.
 
 Saved activations per token of one block (models/blocks.py, pre-LN) under bf16 autocast with flash/varlen attention
 (no L^2 term), width d, MLP hidden h, heads a. Autocast runs LayerNorm in fp32, so each LN saves an fp32 copy of
@@ -138,6 +139,9 @@ def zero_stage(cfg: Config) -> int:
 
 
 def launch_world_size(cfg: Config) -> int:
+    """1 for the torch backend (one process); else the launcher's WORLD_SIZE, or the recipe's GPUs without one."""
+    if cfg.meta.backend == "torch":
+        return 1
     return int(os.environ.get("WORLD_SIZE") or cfg.nodes * cfg.tasks_per_node)
 
 
@@ -230,7 +234,7 @@ def dry_run_report(cfg: Config, world_size: int | None = None) -> DryRun:
     packed, peak = _sample(cfg, False, m)
     truncated, _ = _sample(cfg, True, m)
     ds = cfg.deepspeed or {}
-    accum = int(ds.get("gradient_accumulation_steps", 1)) if uses_deepspeed(cfg) else 1
+    accum = cfg.accumulation_steps
     recipe, actual = cfg.nodes * cfg.tasks_per_node * b, world * b * accum
     warnings = []
     if actual != recipe:

@@ -9,6 +9,7 @@ import random
 import socket
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,13 +21,14 @@ from models import attention
 from .backends import DeepSpeedBackend, TorchBackend
 from .build import build_encoder, build_predictor, encoder_variant
 from .checkpoint import load_checkpoint, resume_path, rng_state, save_checkpoint, set_rng_state
-from .config import Config, ConfigError, save_resolved
-from .data.pipeline import build_training_data, read_run_index
+from .config import Config, save_resolved
+from .data.loader import Batch
+from .data.pipeline import TrainingData, build_training_data, read_run_index
 from .data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from .faults import StepGuard
 from .flops import TransformerDims, step_flops
 from .metrics import MetricsCSV, collapse_diagnostics
-from .packed_masks import MaskMaker
+from .packed_masks import MaskMaker, StepMasks
 from .schedules import Schedules
 from .throughput import ThroughputWindow, step_tokens
 from .step import Models, train_step
@@ -75,15 +77,42 @@ def _attention_line(cfg: Config, device: torch.device) -> str:
     return attention.describe(device, dtype, head_dims)
 
 
+def _token_counts(masks: list[StepMasks], b: int, num_gen: int) -> dict[str, float]:
+    """Mean kept context and target tokens per clip of each generator, over a step's micro-batches."""
+    clips = b * len(masks)
+    row = {}
+    for g in range(num_gen):
+        row[f"context_tokens_{g}"] = sum(sum(m.context_packing.seqlens[g * b:(g + 1) * b]) for m in masks) / clips
+        row[f"target_tokens_{g}"] = sum(m.targets_per_generator[g] for m in masks) / clips
+    return row
+
+
+class MicroBatches:
+    """One step's micro-batches from the loader as the (video, masks) pairs `train_step` consumes, loaded one at a
+    time as the step asks; keeps their host masks and the time spent waiting for them."""
+
+    def __init__(self, batches: Iterator[Batch], data: TrainingData, device: torch.device, step: int, count: int):
+        self.batches, self.data, self.device, self.step, self.count = batches, data, device, step, count
+        self.masks: list[StepMasks] = []
+        self.data_wait = 0.0  # host seconds spent getting the batches and starting their device-side finish
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, StepMasks]]:
+        for micro in range(self.count):
+            wait_start = time.perf_counter()
+            batch = next(self.batches, None)
+            if batch is None or (batch.step, batch.micro) != (self.step, micro):
+                got = "the end of the data" if batch is None else f"step {batch.step} micro-batch {batch.micro}"
+                raise RuntimeError(f"the loader gave {got} where step {self.step} micro-batch {micro} was due")
+            video = self.data.finish(batch)
+            self.data_wait += time.perf_counter() - wait_start
+            self.data.account(batch)
+            self.masks.append(batch.masks)
+            yield video, batch.masks.to(self.device, non_blocking=True)
+
+
 def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     """Pretrain; returns a summary (steps run, first and last logged loss, every logged loss by step, run folder)."""
     use_ds = cfg.meta.backend == "deepspeed" or (cfg.meta.backend == "auto" and local_rank is not None)
-    if use_ds and int((cfg.deepspeed or {}).get("gradient_accumulation_steps", 1)) != 1:
-        # The backend clips and steps at accumulation boundaries (tests/test_deepspeed_engine.py), but this loop
-        # would still move the EMA target, the schedules and the mask counter once per micro-batch.
-        raise ConfigError("deepspeed.gradient_accumulation_steps > 1 is not supported by the training loop yet (it "
-                          "would update the EMA target once per micro-batch); use 1, with more GPUs or "
-                          "model.activation_checkpointing to fit the batch")
     device = torch.device("cuda", local_rank or 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -142,7 +171,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                 "skipped_steps": 0, "preempted": False, "folder": str(folder)}
 
     # data: masks are built in the loader, so the step never waits on host work
-    b = cfg.data.batch_size
+    b, accumulation = cfg.data.batch_size, cfg.accumulation_steps
     make_masks = MaskMaker(cfg.mask, cfg.grid, cfg.meta.seed, cfg.data.mask_type)
     data = build_training_data(cfg, index, rank=rank, world=world, device=device, folder=folder, start_step=start_step,
                                num_steps=stop - start_step, make_masks=make_masks)
@@ -152,13 +181,14 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     if metrics is not None and start_step:
         metrics.drop_after(start_step)  # rows a killed run logged past its last checkpoint are logged again
     num_gen = len(cfg.mask)
+    micro = f" x {accumulation} micro-batches" if accumulation > 1 else ""
     say(f"training {stop - start_step} steps ({start_step} -> {stop}) on {device}, world size {world}, "
-        f"batch {b}/rank, {cfg.num_tokens} tokens/clip, backend {'deepspeed' if use_ds else 'torch'}, "
+        f"batch {b}/rank{micro}, {cfg.num_tokens} tokens/clip, backend {'deepspeed' if use_ds else 'torch'}, "
         f"kernels {kernels.dispatch.resolve(None, device)}, attention {_attention_line(cfg, device)}, "
         f"{data.describe()}; logs: {folder}")
 
     window_losses: list[torch.Tensor] = []
-    window = ThroughputWindow(device, world, b)
+    window = ThroughputWindow(device, world, b * accumulation)
     run_start = time.perf_counter()
     first_loss = last_loss = None
     logged: dict[int, float] = {}  # step -> mean loss of the window it ends, at full precision (for callers, tests)
@@ -166,30 +196,24 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     last_save_s: float | None = None
     preempted = False
     batches = iter(data.loader)
-    while True:
-        wait_start = time.perf_counter()
-        batch = next(batches, None)
-        if batch is None:
-            break
-        step = batch.step
-        video = data.finish(batch)
-        data_wait = time.perf_counter() - wait_start
-        data.account(batch)
+    for step in range(start_step, stop):
         lr, wd, momentum = schedules.at(step)
         clip = opt.clip_grad if step // opt.ipe > opt.warmup else None  # the reference clips after warmup epochs
         log_now = step == start_step or (step + 1) % cfg.logging.log_every == 0 or step == stop - 1
-        masks = batch.masks.to(device, non_blocking=True)
-        out = train_step(models, backend, video, masks, lr=lr, wd=wd,
-                         momentum=momentum, clip_grad=clip, loss_exp=cfg.loss.loss_exp, dtype=cfg.meta.dtype,
-                         keep_features=log_now, proceed=lambda loss: guard.check(loss, step))
-        if not out.skipped:
-            window_losses.append(out.loss)
-        ctx_lens, tgt_lens = masks.context_packing.seqlens, masks.target_packing.seqlens
-        window.add(step_flops(cfg.num_tokens, b, ctx_lens, tgt_lens, enc_dims, pred_dims, patch_features).total,
-                   step_tokens(b, cfg.num_tokens, ctx_lens, tgt_lens), data_wait)
+        feed = MicroBatches(batches, data, device, step, accumulation)
+        out = train_step(models, backend, feed, lr=lr, wd=wd, momentum=momentum, clip_grad=clip,
+                         loss_exp=cfg.loss.loss_exp, dtype=cfg.meta.dtype, keep_features=log_now,
+                         proceed=lambda loss: guard.check(loss, step))
+        window_losses.extend(out.finite_losses)
+        flops = ran_tokens = 0
+        for masks in feed.masks:
+            ctx_lens, tgt_lens = masks.context_packing.seqlens, masks.target_packing.seqlens
+            flops += step_flops(cfg.num_tokens, b, ctx_lens, tgt_lens, enc_dims, pred_dims, patch_features).total
+            ran_tokens += step_tokens(b, cfg.num_tokens, ctx_lens, tgt_lens)
+        window.add(flops, ran_tokens, feed.data_wait)
 
         if log_now:
-            losses = []  # skipped steps do not count (all ranks skip together, so windows have equal lengths)
+            losses = []  # skipped micro-batches do not count (all ranks skip together: windows of equal lengths)
             if window_losses:
                 stacked = torch.stack(window_losses)
                 if use_ds and world > 1:  # the logged loss is the mean over ranks of their batch losses
@@ -199,15 +223,14 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
             row: dict[str, Any] = {
                 "step": step + 1, "epoch": step // opt.ipe, "loss": sum(losses) / len(losses) if losses else math.nan,
                 "lr": lr, "wd": wd, "momentum": momentum, "skipped_steps": guard.skipped,
-                **{f"context_tokens_{g}": sum(ctx_lens[g * b:(g + 1) * b]) / b for g in range(num_gen)},
-                **{f"target_tokens_{g}": masks.targets_per_generator[g] / b for g in range(num_gen)},
+                **_token_counts(feed.masks, b, num_gen),
                 **window.row(),
                 "enc_grad_norm": float(out.grad_norms[0]) if out.grad_norms else 0.0,
                 "pred_grad_norm": float(out.grad_norms[1]) if out.grad_norms else 0.0,
                 **collapse_diagnostics(out.target_features, out.predictions),
                 "elapsed_s": time.perf_counter() - run_start,
             }
-            if losses:  # a window of skipped steps only has no loss
+            if losses:  # a window of skipped micro-batches only has no loss
                 guard.record(step, row["loss"])
                 first_loss = row["loss"] if first_loss is None else first_loss
                 last_loss = logged[step + 1] = row["loss"]

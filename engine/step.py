@@ -9,7 +9,7 @@ syncs only on logging steps.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +31,17 @@ class Models:
 
 @dataclass
 class StepOutput:
-    loss: torch.Tensor  # scalar, on device (read it only when logging)
-    target_features: torch.Tensor | None  # (B, N, D) target encoder output, for collapse diagnostics
-    predictions: torch.Tensor | None  # (Tt, D), for collapse diagnostics
+    loss: torch.Tensor  # scalar on device, the mean of the finite micro-batch losses (read it only when logging)
+    finite_losses: list[torch.Tensor]  # each micro-batch's loss that was finite on every rank
+    target_features: torch.Tensor | None  # (B, N, D) target encoder output of the last micro-batch, for diagnostics
+    predictions: torch.Tensor | None  # (Tt, D) of the last micro-batch, for collapse diagnostics
     grad_norms: tuple[torch.Tensor, torch.Tensor] | None  # encoder / predictor norms before clipping, when clipped
-    skipped: bool = False  # no backward and no optimizer step: the loss was not finite on some rank
+    skipped: int = 0  # micro-batches without backward: their loss was not finite on some rank
+
+    @property
+    def updated(self) -> bool:
+        """Whether the optimizer stepped (some micro-batch was finite)."""
+        return bool(self.finite_losses)
 
 
 def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -72,27 +78,41 @@ def forward_loss(models: Models, video: torch.Tensor, masks: StepMasks, *, loss_
     return loss, h, pred
 
 
-def train_step(models: Models, backend: Backend, video: torch.Tensor, masks: StepMasks, *, lr: float, wd: float,
-               momentum: float, clip_grad: float | None, loss_exp: float, dtype: str,
+def train_step(models: Models, backend: Backend, micro_batches: Iterable[tuple[torch.Tensor, StepMasks]], *,
+               lr: float, wd: float, momentum: float, clip_grad: float | None, loss_exp: float, dtype: str,
                keep_features: bool = False, proceed: Callable[[torch.Tensor], bool] | None = None) -> StepOutput:
-    """video (B, C, F, H, W) normalised clips; masks built by the loader; schedule values for this step.
-    `proceed(loss)` (engine.faults.StepGuard) decides after the forward pass whether to run backward and the
-    optimizer step; the EMA runs either way, as in the reference."""
+    """One optimizer step over `backend.accumulation_steps` micro-batches of (video (B, C, F, H, W) normalised
+    clips, masks built by the loader), with this step's schedule values. `micro_batches` may be a generator that
+    loads each one when asked, so only one micro-batch's activations live at a time.
+
+    `proceed(loss)` (engine.faults.StepGuard, collective) decides after each forward pass whether that micro-batch
+    runs its backward. A skipped one contributes no gradient and the others keep their weight 1/accumulation_steps;
+    when none ran the optimizer does not step. The EMA moves once per step either way, as in the reference."""
     # schedules
     backend.set_lr_wd(lr, wd)
 
-    # target, context + predictor, loss
-    loss, h, pred = forward_loss(models, video, masks, loss_exp=loss_exp, dtype=dtype)
+    # per micro-batch: target, context + predictor, loss, backward (gradients accumulate)
+    count = backend.accumulation_steps
+    losses, ran = [], []
+    features = (None, None)
+    for micro, (video, masks) in enumerate(micro_batches):
+        loss, h, pred = forward_loss(models, video, masks, loss_exp=loss_exp, dtype=dtype)
+        features = (h, pred.detach()) if keep_features else (None, None)
+        del h, pred
+        losses.append(loss.detach())
+        ran.append(proceed is None or proceed(loss))
+        if ran[-1]:
+            backend.backward(loss, boundary=micro == count - 1)
+        del loss  # a skipped micro-batch's graph is freed before the next one's forward
+    if len(ran) != count:
+        raise ValueError(f"a step takes {count} micro-batches (deepspeed.gradient_accumulation_steps), got {len(ran)}")
 
-    # backward + clip + step
-    grad_norms = None
-    skipped = proceed is not None and not proceed(loss)
-    if not skipped:
-        backend.backward(loss)
-        grad_norms = backend.clip_and_step(clip_grad)
+    # clip + optimizer step, at the boundary
+    finite = [loss for loss, ok in zip(losses, ran) if ok]
+    grad_norms = backend.clip_and_step(clip_grad, boundary_backward=ran[-1]) if finite else None
 
     # EMA
     ema_update(models.target_encoder, models.encoder, momentum)
 
-    return StepOutput(loss.detach(), h if keep_features else None, pred.detach() if keep_features else None,
-                      grad_norms, skipped)
+    mean = torch.stack(finite).mean() if finite else losses[-1]
+    return StepOutput(mean, finite, *features, grad_norms, len(ran) - len(finite))

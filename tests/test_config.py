@@ -80,10 +80,20 @@ def test_unknown_section_and_mask_key(tmp_path):
     ("--data.crop_size=100", "multiple of data.patch_size"),
     ("--loss.reg_coeff=0.1", "reg_coeff"),
     ("batch_size=3", "expected --section.key=value"),
+    ('--deepspeed={"gradient_accumulation_steps": 0}', "deepspeed.gradient_accumulation_steps must be an integer >= 1"),
+    ('--deepspeed={"gradient_accumulation_steps": 1.5}', "gradient_accumulation_steps must be an integer >= 1, got 1.5"),
 ])
 def test_bad_values_are_clear(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
         load_config(None, [override])
+
+
+def test_accumulation_steps_come_from_the_deepspeed_section_for_both_backends():
+    section = '--deepspeed={"gradient_accumulation_steps": 4}'
+    assert load_config(None, []).accumulation_steps == 1
+    assert load_config(None, [section]).accumulation_steps == 4
+    assert load_config(None, [section, "--meta.backend=torch"]).accumulation_steps == 4
+    assert load_config(ROOT / "configs" / "vitl16.json", ["--deepspeed.gradient_accumulation_steps=8"]).accumulation_steps == 8
 
 
 def test_missing_and_invalid_files(tmp_path):

@@ -175,6 +175,31 @@ def test_sampler_splits_steps_across_ranks():
         StepBatchSampler(6, 0, 4)
 
 
+def test_sampler_with_accumulation_reads_the_same_samples_per_step():
+    """A step of global batch 8 is the same 8 samples however it splits into ranks x micro-batches x batch."""
+    whole = list(StepBatchSampler(8, 0, 1, start_step=1, num_steps=2))
+    for world, accumulation in ((1, 2), (2, 2), (2, 4), (1, 8)):
+        ranks = [list(StepBatchSampler(8, r, world, start_step=1, num_steps=2, accumulation_steps=accumulation))
+                 for r in range(world)]
+        assert all(len(micro) == 2 * accumulation for micro in ranks)
+        for step in range(2):
+            micro_batches = [ranks[r][step * accumulation + k] for k in range(accumulation) for r in range(world)]
+            assert sum(micro_batches, []) == whole[step]  # micro-step k over all ranks is one contiguous block
+    assert list(StepBatchSampler(8, 1, 2, num_steps=1, accumulation_steps=2)) == [[2, 3], [6, 7]]
+    assert len(StepBatchSampler(8, 1, 2, num_steps=3, accumulation_steps=2)) == 6
+    with pytest.raises(ValueError, match="world size 2 x accumulation steps 3"):
+        StepBatchSampler(8, 0, 2, accumulation_steps=3)
+
+
+def test_loader_numbers_the_micro_batches_of_a_step(index_file):
+    loader = build_loader(make_dataset(index_file), global_batch_size=8, rank=1, world_size=2, make_masks=record_masks,
+                          num_workers=0, start_step=2, num_steps=2, accumulation_steps=2)
+    batches = list(loader)
+    assert [(b.step, b.micro, b.first_sample_index) for b in batches] == [(2, 0, 18), (2, 1, 22), (3, 0, 26),
+                                                                          (3, 1, 30)]
+    assert [b.masks["call"] for b in batches] == [(2, 18, 2), (2, 22, 2), (3, 26, 2), (3, 30, 2)]  # step's counter
+
+
 def record_masks(step: int, first_sample_index: int, batch_size: int) -> dict:
     """A stand-in mask maker (module level, so worker processes can unpickle it)."""
     return {"call": (step, first_sample_index, batch_size), "keep": torch.arange(batch_size)}

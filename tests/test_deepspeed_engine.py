@@ -1,5 +1,7 @@
 """DeepSpeedBackend on 2 CPU ranks (gloo): the reference's clipping (encoder and predictor separately, after warmup)
-on ZeRO-1/2 gradient partitions equals a single process with TorchBackend on the same global batch; precision modes.
+on ZeRO-1/2 gradient partitions equals a single process with TorchBackend on the same global batch, with and without
+gradient accumulation (the EMA once per optimizer step) and with micro-batches skipped for non-finite losses;
+precision modes.
 
 One pair of rank processes runs every case in turn (DeepSpeed's start-up is paid once); rank 0 saves, per case and
 per step, the parameters, the target encoder, the norms the backend returned and DeepSpeed's own global norm. The
@@ -30,13 +32,10 @@ from .conftest import ROOT
 
 WORLD = 2
 CLIPS = (None, 1e-4, 1e-4)  # step 0 before warmup ends (no clipping), then both networks clipped (norms ~1e-3, ~0.5)
-LR, WD = 1e-2, 0.04
-
-
-def _momentum(gas):
-    """The loop updates the EMA after every micro-step, so with accumulation the target (an input of the loss) changes
-    inside the accumulation window, unlike one big batch: those cases keep the target fixed (momentum 1)."""
-    return 0.9 if gas == 1 else 1.0
+LR, WD, MOMENTUM = 1e-2, 0.04, 0.9
+# (step, micro-step, rank) whose clip is NaN in the "_nan" cases: step 0 loses a micro-batch on each rank (no
+# optimizer step at all), step 1 its first micro-batch, step 2 its last (the boundary, where the reduction happens)
+POISONED = {(0, 0, 0), (0, 1, 1), (1, 0, 1), (2, 1, 0)}
 
 
 # AdamW's update is nearly invariant to the gradient's scale; an eps far above the clipped gradients' elements (~1e-7)
@@ -50,6 +49,8 @@ CASES = {  # name: (deepspeed section, gradient accumulation steps)
     "stage2_noncontiguous_gas2": ({"zero_optimization": {"stage": 2, "contiguous_gradients": False}}, 2),
     "stage1_overlap_gas2": ({"zero_optimization": {"stage": 1, "overlap_comm": True}}, 2),
     "stage0_gas2": ({"zero_optimization": {"stage": 0}}, 2),
+    "stage1_gas2_nan": ({"zero_optimization": {"stage": 1}}, 2),
+    "stage2_gas2_nan": ({"zero_optimization": {"stage": 2}}, 2),
     # the optimizer on the CPU: ZeRO copies the gradient partitions into the fp32 partitions' .grad (here a torch
     # AdamW, not DeepSpeedCPUAdam, whose JIT build this test avoids)
     "stage2_offload": ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
@@ -85,10 +86,12 @@ def _models(cfg):
     return Models(enc, pred, copy.deepcopy(enc).requires_grad_(False))
 
 
-def _shard(cfg, step, k):
+def _shard(cfg, step, k, poisoned=False):
     """Clip k of the global batch of a step, with its masks."""
     g = torch.Generator().manual_seed(1000 * step + k)
     video = torch.randn(1, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size, generator=g)
+    if poisoned:
+        video[0, 0, 0, 0, 0] = float("nan")
     masks = StepMasks.from_mask_set(sample_masks(cfg.mask, cfg.grid, 1, step=step, seed=k, first_sample_index=0))
     return video, masks
 
@@ -99,8 +102,10 @@ def _state(models):
 
 
 def run_rank(cases, out):
-    """Each case: DeepSpeedBackend + engine.step.train_step over CLIPS; rank r, micro-step m takes clip m*WORLD + r."""
+    """Each case: DeepSpeedBackend + engine.step.train_step over CLIPS; rank r, micro-step m takes clip m*WORLD + r;
+    the guard decides (collectively) which micro-batches run their backward."""
     from engine.backends import DeepSpeedBackend
+    from engine.faults import StepGuard
     from engine.step import train_step
 
     rank = torch.distributed.get_rank()
@@ -110,14 +115,15 @@ def run_rank(cases, out):
         cfg = _config(ds, gas)
         models = _models(cfg)
         backend = DeepSpeedBackend(models.encoder, models.predictor, cfg)
+        guard = StepGuard(distributed=True, max_nonfinite=10, device=torch.device("cpu"))
         steps = []
         for step, clip in enumerate(CLIPS):
-            for micro in range(gas):
-                video, masks = _shard(cfg, step, micro * WORLD + rank)
-                result = train_step(models, backend, video, masks, lr=LR, wd=WD, momentum=_momentum(gas),
-                                    clip_grad=clip, loss_exp=1.0, dtype="float32")
+            micro_batches = [_shard(cfg, step, micro * WORLD + rank,
+                                    name.endswith("_nan") and (step, micro, rank) in POISONED) for micro in range(gas)]
+            result = train_step(models, backend, micro_batches, lr=LR, wd=WD, momentum=MOMENTUM, clip_grad=clip,
+                                loss_exp=1.0, dtype="float32", proceed=lambda loss: guard.check(loss, step))
             ds_norm = backend.engine.get_global_grad_norm()
-            steps.append({**_state(models), "loss": float(result.loss),
+            steps.append({**_state(models), "loss": float(result.loss), "skipped": result.skipped,
                           "norms": None if result.grad_norms is None else [float(n) for n in result.grad_norms],
                           "ds_norm": None if ds_norm is None else float(ds_norm)})
         if rank == 0:
@@ -158,16 +164,22 @@ def ranks(tmp_path_factory):
 
 
 @lru_cache
-def _reference(gas, global_clip=False):
-    """One process, TorchBackend (clip_grad_norm_ per network), the same clips: mean of the per-clip losses."""
+def _reference(gas, global_clip=False, poisoned=False):
+    """One process, TorchBackend (clip_grad_norm_ per network), the same clips: the sum of the per-clip losses over
+    WORLD * gas, leaving out the micro-steps a poisoned clip skips on every rank; no optimizer step without any."""
     cfg = _config()
     models = _models(cfg)
     backend = TorchBackend(models.encoder, models.predictor, cfg)
     steps = []
     for step, clip in enumerate(CLIPS):
         backend.set_lr_wd(LR, WD)
-        k = WORLD * gas
-        loss = sum(forward_loss(models, *_shard(cfg, step, i), loss_exp=1.0, dtype="float32")[0] for i in range(k)) / k
+        kept = [m for m in range(gas) if not (poisoned and any((step, m, r) in POISONED for r in range(WORLD)))]
+        if not kept:
+            ema_update(models.target_encoder, models.encoder, MOMENTUM)
+            steps.append({**_state(models), "norms": None})
+            continue
+        loss = sum(forward_loss(models, *_shard(cfg, step, m * WORLD + r), loss_exp=1.0, dtype="float32")[0]
+                   for m in kept for r in range(WORLD)) / (WORLD * gas)
         backend.backward(loss)
         if global_clip and clip:  # the negative control: one norm over both networks
             params = list(models.encoder.parameters()) + list(models.predictor.parameters())
@@ -177,8 +189,7 @@ def _reference(gas, global_clip=False):
             backend.optimizer.zero_grad(set_to_none=True)
         else:
             norms = backend.clip_and_step(clip)
-        for _ in range(gas):  # as the loop: after every micro-step (momentum 1 with accumulation)
-            ema_update(models.target_encoder, models.encoder, _momentum(gas))
+        ema_update(models.target_encoder, models.encoder, MOMENTUM)  # once per optimizer step
         steps.append({**_state(models), "norms": None if norms is None else [float(n) for n in norms]})
     return steps
 
@@ -196,21 +207,22 @@ def _max_diff(a, b, names=("encoder", "predictor", "target_encoder")):
 def test_clipping_on_partitions_equals_single_process_torch(ranks, case):
     results, _ = ranks
     ds_steps = results[case]
-    gas = CASES[case][1]
-    ref_steps = _reference(gas)
+    gas, poisoned = CASES[case][1], case.endswith("_nan")
+    ref_steps = _reference(gas, poisoned=poisoned)
     for step, (got, ref) in enumerate(zip(ds_steps, ref_steps)):
         assert _max_diff(got, ref) < 2e-6, (case, step, _max_diff(got, ref))
-        if CLIPS[step] is None:
+        assert got["skipped"] == ((2 if step == 0 else 1) if poisoned else 0)
+        if CLIPS[step] is None or ref["norms"] is None:
             assert got["norms"] is None and ref["norms"] is None
             continue
         enc, pred = ref["norms"]
-        assert enc > 5 * CLIPS[step] and pred > 5 * CLIPS[step] and abs(enc - pred) > 0.5 * max(enc, pred)
+        assert enc > 3 * CLIPS[step] and pred > 3 * CLIPS[step] and abs(enc - pred) > 0.5 * max(enc, pred)
         assert got["norms"] == pytest.approx(ref["norms"], rel=1e-5)
         if got["ds_norm"] is not None and "offload" not in case:  # taken after the backend clipped in place (with
             # offload DeepSpeed sums per-parameter norms it records while copying the gradients, before the clip)
             assert got["ds_norm"] == pytest.approx(_clipped_norm(CLIPS[step], ref["norms"]), rel=1e-5)
     # a single global norm (what DeepSpeed's gradient_clipping would do) ends far away
-    control = _max_diff(ds_steps[-1], _reference(gas, global_clip=True)[-1], ("encoder", "predictor"))
+    control = _max_diff(ds_steps[-1], _reference(gas, True, poisoned)[-1], ("encoder", "predictor"))
     print(f"{case}: max |difference| to the reference per step "
           f"{[f'{_max_diff(g, r):.1e}' for g, r in zip(ds_steps, ref_steps)]}, to one global clip {control:.1e}")
     assert control > 100 * 2e-6

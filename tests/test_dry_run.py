@@ -174,6 +174,10 @@ def test_global_batch_warning_names_the_lr_scaling(reports, monkeypatch):
                  "does not rescale"):
         assert text in warning
     assert "warning: global batch 80" in format_report(r)
+    # one process with the torch backend (WORLD_SIZE ignored): the recipe's batch through accumulation
+    one_gpu = _config("vitl16.json", "--meta.backend=torch", "--deepspeed.gradient_accumulation_steps=128")
+    r = dry_run_report(one_gpu)
+    assert (r.world_size, r.accumulation, r.global_batch, r.warnings) == (1, 128, 3072, ())
     monkeypatch.delenv("WORLD_SIZE")
     assert launch_world_size(cfg) == 240
 

@@ -144,7 +144,7 @@ def test_train_step_updates_online_and_target():
     masks = StepMasks.from_mask_set(sample_masks(cfg.mask, cfg.grid, 3, step=0, seed=0, first_sample_index=0))
     before_online = models.encoder.blocks[0].attn.qkv.weight.detach().clone()
     before_target = models.target_encoder.blocks[0].attn.qkv.weight.detach().clone()
-    out = train_step(models, backend, video, masks, lr=1e-3, wd=0.04, momentum=0.5, clip_grad=1.0, loss_exp=1.0,
+    out = train_step(models, backend, [(video, masks)], lr=1e-3, wd=0.04, momentum=0.5, clip_grad=1.0, loss_exp=1.0,
                      dtype="float32", keep_features=True)
     after_online = models.encoder.blocks[0].attn.qkv.weight.detach()
     assert not torch.equal(before_online, after_online)
@@ -181,7 +181,7 @@ def test_five_steps_with_kernels_on_and_off_give_the_same_losses(kernels_default
         for step in range(5):
             masks = StepMasks.from_mask_set(sample_masks(cfg.mask, cfg.grid, 2, step=step, seed=0,
                                                          first_sample_index=2 * step))
-            out = train_step(models, backend, video, masks, lr=1e-3, wd=0.04, momentum=0.99, clip_grad=1.0,
+            out = train_step(models, backend, [(video, masks)], lr=1e-3, wd=0.04, momentum=0.99, clip_grad=1.0,
                              loss_exp=1.0, dtype="float32")
             losses.append(out.loss.item())
         # per step: target + context embedding, one weight gradient, the loss, the EMA

@@ -90,14 +90,6 @@ def test_deepspeed_backend_matches_torch_first_step(tiny_config, synthetic_root,
     assert os.path.isfile(f"{tmp_path}/ds/deepspeed/latest")
 
 
-def test_gradient_accumulation_is_refused_until_the_loop_supports_it(tiny_config):
-    from engine.config import ConfigError
-
-    cfg = tiny_config("--meta.backend=deepspeed", '--deepspeed={"gradient_accumulation_steps": 2}')
-    with pytest.raises(ConfigError, match="gradient_accumulation_steps > 1 is not supported by the training loop"):
-        train(cfg)
-
-
 def _free_port():
     import socket
 

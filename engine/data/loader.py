@@ -1,9 +1,11 @@
 """The step-indexed loader: which global samples each rank reads at each step, and how they become a `Batch`.
 
-Step `s` on rank `r` of `W` with global batch `GB` (local `B = GB / W`) reads samples `g = s*GB + r*B + b`, b < B:
-each rank reads its own shard of every step, and starting at step `s` needs no decoding of the steps before it (how a
-resumed run skips batches). The collate function reads `g` of the first sample (`step = g // GB`) and builds the
-step's masks in the loader workers, so the training step never waits on host work.
+An optimizer step `s` of global batch `GB = B * W * A` (local micro-batch `B`, `W` ranks, `A` accumulation steps) is
+`A` micro-steps; micro-step `k` on rank `r` reads samples `g = s*GB + k*B*W + r*B + b`, b < B. So each micro-step's
+ranks read one contiguous block, the split of a step over ranks and micro-steps never changes which samples (and
+masks) it trains on, and starting at step `s` needs no decoding of the steps before it (how a resumed run skips
+batches). The collate function reads `g` of the first sample (`step = g // GB`, `micro = g % GB // (B*W)`) and builds
+the batch's masks in the loader workers, so the training step never waits on host work.
 """
 
 from __future__ import annotations
@@ -21,22 +23,27 @@ from engine.data.probe import Probe
 
 
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Global sample indices of this rank's part of each step: `[s*GB + r*B + b for b in range(B)]`, B = GB / W.
+    """Global sample indices of this rank's micro-batches, `A` per step: `[s*GB + k*B*W + r*B + b for b in range(B)]`
+    for k < A, with B = GB / (W * A).
 
     Runs from `start_step` for `num_steps` steps, or forever when `num_steps` is None.
     """
 
     def __init__(self, global_batch_size: int, rank: int, world_size: int, start_step: int = 0,
-                 num_steps: int | None = None):
+                 num_steps: int | None = None, accumulation_steps: int = 1):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-        if global_batch_size < 1 or global_batch_size % world_size:
+        if accumulation_steps < 1:
+            raise ValueError(f"need accumulation_steps >= 1, got {accumulation_steps}")
+        if global_batch_size < 1 or global_batch_size % (world_size * accumulation_steps):
             raise ValueError(f"global batch size {global_batch_size} is not a positive multiple of world size "
-                             f"{world_size}")
+                             f"{world_size} x accumulation steps {accumulation_steps}")
         if start_step < 0 or (num_steps is not None and num_steps < 0):
             raise ValueError(f"need start_step >= 0 and num_steps >= 0, got {start_step}, {num_steps}")
         self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // world_size
+        self.accumulation_steps = accumulation_steps
+        self.local_batch_size = global_batch_size // (world_size * accumulation_steps)
+        self.micro_stride = self.local_batch_size * world_size  # samples of one micro-step over all ranks
         self.rank = rank
         self.start_step = start_step
         self.num_steps = num_steps
@@ -44,14 +51,15 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         step = self.start_step
         while self.num_steps is None or step < self.start_step + self.num_steps:
-            first = step * self.global_batch_size + self.rank * self.local_batch_size
-            yield list(range(first, first + self.local_batch_size))
+            for micro in range(self.accumulation_steps):
+                first = step * self.global_batch_size + micro * self.micro_stride + self.rank * self.local_batch_size
+                yield list(range(first, first + self.local_batch_size))
             step += 1
 
     def __len__(self) -> int:
         if self.num_steps is None:
             raise TypeError("an endless StepBatchSampler (num_steps=None) has no length")
-        return self.num_steps
+        return self.num_steps * self.accumulation_steps
 
 
 @dataclass
@@ -104,7 +112,7 @@ class ClipParts:
 
 @dataclass
 class Batch:
-    """One rank's batch of one step. `video` is finished, (B, 3, F, H, W) float32 or (B, num_clips, 3, F, H, W), or
+    """One rank's micro-batch `micro` of one step. `video` is finished, (B, 3, F, H, W) float32 or (B, num_clips, 3, F, H, W), or
     `ClipParts` to finish on the device; `engine.data.finish.ClipFinisher` turns either into the step's input."""
 
     video: torch.Tensor | ClipParts
@@ -112,6 +120,7 @@ class Batch:
     step: int
     first_sample_index: int  # global index of the batch's first sample; the batch holds B consecutive indices
     masks: Any  # whatever make_masks returned
+    micro: int = 0  # micro-step within the step (gradient accumulation), 0 .. accumulation_steps - 1
     paths: list[str] = field(default_factory=list)  # the file each sample read
     sample_failures: list[list[tuple[str, str]]] = field(default_factory=list)  # per sample: (path, reason) replaced
     probes: list[tuple[int, Probe]] = field(default_factory=list)  # probes the workers made (for the cache)
@@ -130,10 +139,12 @@ class Batch:
 class _Collate:
     """Stacks samples into a `Batch` and builds its masks (a class, so workers can pickle it)."""
 
-    def __init__(self, make_masks: Callable[[int, int, int], Any], global_batch_size: int, num_clips: int):
+    def __init__(self, make_masks: Callable[[int, int, int], Any], global_batch_size: int, num_clips: int,
+                 micro_stride: int):
         self.make_masks = make_masks
         self.global_batch_size = global_batch_size
         self.num_clips = num_clips
+        self.micro_stride = micro_stride
 
     def __call__(self, samples: list[Sample]) -> Batch:
         indices = [s.global_index for s in samples]
@@ -149,17 +160,19 @@ class _Collate:
             video = ClipParts.from_samples(samples, self.num_clips)
         return Batch(video=video, labels=torch.tensor([s.label for s in samples], dtype=torch.int64), step=step,
                      first_sample_index=first, masks=self.make_masks(step, first, len(samples)),
+                     micro=first % self.global_batch_size // self.micro_stride,
                      paths=[s.path for s in samples], sample_failures=[s.failures for s in samples],
                      probes=[p for s in samples for p in s.probes])
 
 
-def make_collate(make_masks: Callable[[int, int, int], Any], global_batch_size: int,
-                 num_clips: int = 1) -> Callable[[list[Sample]], Batch]:
-    """Collate function for `PretrainDataset` samples; calls `make_masks(step, first_index, B)`.
+def make_collate(make_masks: Callable[[int, int, int], Any], global_batch_size: int, num_clips: int = 1,
+                 micro_stride: int | None = None) -> Callable[[list[Sample]], Batch]:
+    """Collate function for `PretrainDataset` samples; calls `make_masks(step, first_index, B)`. `micro_stride` is
+    the samples of one micro-step over all ranks (the global batch without accumulation, the default).
 
     `make_masks` runs in the loader workers, so it must be picklable (a module-level function or such an object).
     """
-    return _Collate(make_masks, global_batch_size, num_clips)
+    return _Collate(make_masks, global_batch_size, num_clips, micro_stride or global_batch_size)
 
 
 def _init_worker(worker_id: int) -> None:
@@ -173,13 +186,15 @@ def _init_worker(worker_id: int) -> None:
 
 def build_loader(dataset: PretrainDataset, *, global_batch_size: int, rank: int, world_size: int,
                  make_masks: Callable[[int, int, int], Any], num_workers: int, start_step: int = 0,
-                 num_steps: int | None = None, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """DataLoader yielding this rank's `Batch` for steps `start_step, start_step + 1, ...` (endless if num_steps is
-    None); `num_workers=0` loads in-process."""
-    sampler = StepBatchSampler(global_batch_size, rank, world_size, start_step, num_steps)
+                 num_steps: int | None = None, pin_memory: bool = False,
+                 accumulation_steps: int = 1) -> torch.utils.data.DataLoader:
+    """DataLoader yielding this rank's `Batch`es for steps `start_step, start_step + 1, ...` (endless if num_steps is
+    None), `accumulation_steps` micro-batches per step; `num_workers=0` loads in-process."""
+    sampler = StepBatchSampler(global_batch_size, rank, world_size, start_step, num_steps, accumulation_steps)
     workers = num_workers > 0
+    collate = make_collate(make_masks, global_batch_size, dataset.num_clips, sampler.micro_stride)
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=make_collate(make_masks, global_batch_size, dataset.num_clips),
+        dataset, batch_sampler=sampler, collate_fn=collate,
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=workers,
         # Its own generator: otherwise creating the iterator draws from the global torch RNG, which a resumed run
         # restores from the checkpoint, so the RNG state would depend on where the run was resumed.

@@ -101,9 +101,10 @@ def build_training_data(cfg: Config, index: VideoIndex, *, rank: int, world: int
                               frame_step=None if timed else d.sampling_rate, clip_duration=d.clip_duration, fps=d.fps,
                               filter_short_videos=d.filter_short_videos, min_bytes=d.min_video_bytes,
                               max_bytes=d.max_video_bytes, output=output, dali_codecs=dali_codecs, probes=probes)
-    loader = build_loader(dataset, global_batch_size=d.batch_size * world, rank=rank, world_size=world,
+    accumulation = cfg.accumulation_steps
+    loader = build_loader(dataset, global_batch_size=d.batch_size * world * accumulation, rank=rank, world_size=world,
                           make_masks=make_masks, num_workers=d.num_workers, start_step=start_step,
-                          num_steps=num_steps, pin_memory=d.pin_mem and cuda)
+                          num_steps=num_steps, pin_memory=d.pin_mem and cuda, accumulation_steps=accumulation)
     dtype = getattr(torch, cfg.meta.dtype) if cuda else torch.float32  # the step's autocast dtype
     # Judge the bad fraction after 100 attempts, or after as many as the index has entries when it is smaller.
     report = BadVideoReport(folder, rank, d.max_bad_fraction, min_attempts=min(100, len(index)))
