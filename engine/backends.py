@@ -7,13 +7,27 @@ Both use AdamW with the reference's four parameter groups (spec 4.3): weights of
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from . import ds_checkpoint
+from kernels import ema_
+
+from . import ds_checkpoint, zero3
 from .config import Config, ConfigError
+
+
+T = TypeVar("T")
+
+
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """target = m * target + (1 - m) * online for every parameter (the frozen position table included), one
+    multi-tensor launch of the Triton kernel."""
+    ema_(list(target.parameters()), list(online.parameters()), momentum)
 
 
 def param_groups(encoder: nn.Module, predictor: nn.Module) -> list[dict[str, Any]]:
@@ -53,6 +67,13 @@ class Backend:
             group["lr"] = lr
             if not group.get("WD_exclude", False):
                 group["weight_decay"] = wd
+
+    def run_forward(self, forward: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`forward(*args, **kwargs)`: the step's forward pass, through whatever the backend must wrap it in."""
+        return forward(*args, **kwargs)
+
+    def ema_update(self, target: nn.Module, online: nn.Module, momentum: float) -> None:
+        ema_update(target, online, momentum)
 
     def backward(self, loss: torch.Tensor, *, boundary: bool = True) -> None:
         """Accumulate one micro-batch's gradient; `boundary`: it is the step's last micro-batch."""
@@ -102,11 +123,15 @@ BF16_NOTICE = ("notice: deepspeed.bf16.enabled: the encoder and predictor weight
 
 def check_deepspeed_config(ds_config: dict[str, Any]) -> tuple[int, bool]:
     """(ZeRO stage, bf16 weights) of a deepspeed config section, or a ConfigError for what the backend does not run."""
-    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    if stage >= 3:
-        raise ConfigError("deepspeed.zero_optimization.stage 3 is not supported: it partitions the encoder's "
-                          "parameters, which the target encoder's EMA reads whole, and the reference's per-network "
-                          "clipping is implemented for the gradient partitions of stages 1 and 2; use stage 2")
+    zero = ds_config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    if stage == 3 and ds_config.get("bf16", {}).get("enabled"):
+        raise ConfigError("deepspeed.bf16 with ZeRO stage 3 would cast the target encoder, which stage 3 partitions "
+                          "inside the engine, to bf16: use fp32 weights (the faithful default) or stage 2")
+    if stage == 3 and (zero.get("offload_param") or zero.get("offload_optimizer")):
+        raise ConfigError("ZeRO-3 offload (offload_param / offload_optimizer) is not supported: the target "
+                          "encoder's EMA and the per-network clipping work on partitions in device memory; use stage 3 "
+                          "without offload, or stage 1/2 with offload_optimizer")
     if ds_config.get("gradient_clipping"):
         raise ConfigError("deepspeed.gradient_clipping clips one global norm every step; the backend clips the "
                           "encoder and the predictor separately after warmup as the reference: set "
@@ -123,9 +148,9 @@ def check_deepspeed_config(ds_config: dict[str, Any]) -> tuple[int, bool]:
                           "zero-gradient AdamW step when it starts (Adam's step count then starts at 1 and weight decay "
                           "is applied once more): use ZeRO stage 1 or 2 for bf16 weights")
     if ds_config.get("torch_autocast", {}).get("enabled"):
-        raise ConfigError("deepspeed.torch_autocast: the step runs its own torch.autocast (meta.dtype); DeepSpeed's "
-                          "only wraps engine.forward, which this engine does not call, and would all-reduce "
-                          "Linear/Conv gradients in bf16: leave it disabled")
+        raise ConfigError("deepspeed.torch_autocast: the step runs its own torch.autocast (meta.dtype), with the "
+                          "reference's fp32 exceptions, and DeepSpeed's would all-reduce Linear/Conv gradients in "
+                          "bf16: leave it disabled")
     return stage, bf16
 
 
@@ -181,11 +206,19 @@ def _grouped(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtyp
 
 
 class OnlineModels(nn.Module):
-    """The trained modules as one nn.Module, which is what deepspeed.initialize takes."""
+    """The modules DeepSpeed manages, as the one nn.Module deepspeed.initialize takes. Its forward runs the step's
+    forward function, so that engine.forward's bookkeeping and DeepSpeed's module hooks (ZeRO-3 gathers parameters
+    in them) wrap the whole pass. The target encoder is a submodule under ZeRO-3 only (engine/zero3.py); at stages
+    0-2 it stays outside, fp32 whatever the engine's precision, and out of the engine's checkpoint."""
 
-    def __init__(self, encoder: nn.Module, predictor: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, predictor: nn.Module, target_encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.encoder, self.predictor = encoder, predictor
+        if target_encoder is not None:
+            self.target_encoder = target_encoder
+
+    def forward(self, forward: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return forward(*args, **kwargs)
 
 
 class DeepSpeedBackend(Backend):
@@ -205,14 +238,16 @@ class DeepSpeedBackend(Backend):
         are scaled in place; DeepSpeed's step then flattens them into the fp32 partition it updates.
       * bf16 weights, stage 1 with fp32 accumulation (BF16_Optimizer): whole fp32 gradients per group on every rank
         (all-reduced whole by the engine): no all-reduce of the norms.
-    Stage 3 is refused (ConfigError): it partitions the parameters themselves, which the target encoder's EMA
-    (engine/step.py) reads whole, and keeps its gradient partitions in other structures; both are separate work.
+      * stage 3 (DeepSpeedZeroOptimizer_Stage3): each trained parameter's fp32 gradient partition
+        (`safe_get_local_grad`, a view of ZeRO's buffer without offload), squared norms summed per network, all-reduced,
+        scaled in place. The target encoder is partitioned with the encoder and its EMA runs on the partitions
+        (engine/zero3.py); fp32 weights only, no offload (refused otherwise).
 
     Precision (the reference: fp32 weights, forward under bf16 autocast, fp32 gradients all-reduced by DDP):
       * default, faithful (the recipes state it): `bf16.enabled` and `torch_autocast.enabled` false. Weights,
         gradients, their reduction and the AdamW states are fp32; autocast is engine/step.py's (meta.dtype, on GPU).
-        DeepSpeed's `torch_autocast` is refused: it wraps only engine.forward, which this engine never calls (the step
-        calls the modules), and its other effect is to all-reduce Linear/Conv weight gradients in bf16.
+        DeepSpeed's `torch_autocast` is refused: the step already runs its own autocast with the reference's fp32
+        exceptions, and DeepSpeed's would also all-reduce Linear/Conv weight gradients in bf16.
       * opt-in `bf16.enabled` true, ZeRO stage 1 or 2: DeepSpeed casts the encoder and predictor to bf16 and keeps
         fp32 master weights in its optimizer; gradients are bf16 and reduced in bf16 (accumulated in fp32 with
         `data_types.grad_accum_dtype` fp32). A deviation, announced by a one-line notice on rank 0. Floating inputs of
@@ -222,7 +257,7 @@ class DeepSpeedBackend(Backend):
       * `fp16.enabled` is refused: fp16 weights need loss scaling (meta.dtype=float16 gives fp16 autocast instead).
     """
 
-    def __init__(self, encoder: nn.Module, predictor: nn.Module, cfg: Config) -> None:
+    def __init__(self, encoder: nn.Module, predictor: nn.Module, cfg: Config, target_encoder: nn.Module) -> None:
         try:
             import deepspeed
         except ImportError:
@@ -236,26 +271,31 @@ class DeepSpeedBackend(Backend):
         self.stage, self.bf16_weights = check_deepspeed_config(ds_config)
         self.accumulation_steps = int(ds_config["gradient_accumulation_steps"])
         ds_config["gradient_clipping"] = 0.0  # the backend clips, per network (see the class doc)
+        if self.stage == 3:
+            zero3.register_hidden_parameters([encoder, target_encoder], predictor)
+        module = OnlineModels(encoder, predictor, target_encoder if self.stage == 3 else None)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=OnlineModels(encoder, predictor), optimizer=_adamw(encoder, predictor, cfg), config=ds_config)
+            model=module, optimizer=_adamw(encoder, predictor, cfg), config=ds_config)
         if self.bf16_weights:
             for module in (encoder, predictor):
                 module.register_forward_pre_hook(_cast_floating_inputs)
             if self.engine.global_rank == 0:
                 print(BF16_NOTICE, flush=True)
 
-    def backward(self, loss: torch.Tensor, *, boundary: bool = True) -> None:
-        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    def run_forward(self, forward: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self.engine(forward, *args, **kwargs)
 
+    def ema_update(self, target: nn.Module, online: nn.Module, momentum: float) -> None:
+        if self.stage == 3:
+            zero3.ema_update_shards(target, online, momentum)
+        else:
+            ema_update(target, online, momentum)
+
+    def backward(self, loss: torch.Tensor, *, boundary: bool = True) -> None:
         # The step sets the boundary itself (DeepSpeed's documented override) rather than letting the engine count
         # micro-steps: a micro-batch skipped for a non-finite loss runs no backward, and the engine's count would
-        # then put the boundary (where ZeRO-1 and stage 0 reduce, and ZeRO-2 flushes its buckets) on the wrong one.
+        # then put the boundary (where ZeRO-1 and stage 0 reduce, and ZeRO-2/3 flush their buckets) on the wrong one.
         self.engine.set_gradient_accumulation_boundary(boundary)
-        opt = self.engine.optimizer
-        if isinstance(opt, ZeROOptimizer):
-            # what engine.forward and the backward prologue it hooks on the outputs would do: the step calls the
-            # modules directly, so ZeRO's per-step hook state is reset here
-            opt.clear_backward_seen_flag()
         self.engine.backward(loss)  # divides by gradient_accumulation_steps
 
     def clip_and_step(self, clip_grad: float | None, *,
@@ -265,7 +305,9 @@ class DeepSpeedBackend(Backend):
             # gradient is exactly zero for every trained parameter (they are finite), so every rank reduces what
             # the earlier micro-batches accumulated.
             params = [p for p in self.engine.module.parameters() if p.requires_grad]
-            self.backward(torch.stack([p.sum() for p in params]).sum() * 0.0, boundary=True)
+            with zero3.gathered(params) if self.stage == 3 else contextlib.nullcontext():  # whole, for this rare pass
+                zero = self.run_forward(lambda: torch.stack([p.sum() for p in params]).sum() * 0.0)
+                self.backward(zero, boundary=True)
         norms = self._clip_per_network(clip_grad) if clip_grad else None
         self.engine.step()  # the optimizer step and zero_grad (the boundary is set)
         return norms
@@ -278,10 +320,15 @@ class DeepSpeedBackend(Backend):
         import deepspeed.comm as dist
         from deepspeed.accelerator import get_accelerator
 
-        groups, partitioned, dp_group = _gradient_shards(opt)
-        if len(groups) != 4:
-            raise RuntimeError(f"expected the 4 parameter groups of engine.backends.param_groups, found {len(groups)}")
-        networks = (groups[0] + groups[2], groups[1] + groups[3])  # encoder (decay, no decay), predictor
+        if self.stage == 3:  # per-parameter partitions, all of them on every rank's list
+            networks = (zero3.local_gradients(self.encoder), zero3.local_gradients(self.predictor))
+            partitioned, dp_group = True, opt.dp_process_group
+        else:
+            groups, partitioned, dp_group = _gradient_shards(opt)
+            if len(groups) != 4:
+                raise RuntimeError(f"expected the 4 parameter groups of engine.backends.param_groups, found "
+                                   f"{len(groups)}")
+            networks = (groups[0] + groups[2], groups[1] + groups[3])  # encoder (decay, no decay), predictor
         device = get_accelerator().current_device_name()  # where the collective runs (offloaded partitions: CPU)
         squares = torch.stack([_sum_of_squares(grads, device) for grads in networks])
         if partitioned:
@@ -293,19 +340,31 @@ class DeepSpeedBackend(Backend):
                 torch._foreach_mul_(same, coef.to(device=where, dtype=dtype))
         return norms[0], norms[1]
 
-    def save(self, folder: str, tag: str, client_state: dict[str, Any], keep_last: int) -> None:
+    def save(self, folder: str, tag: str, client_state: dict[str, Any], keep_last: int, target: nn.Module) -> None:
         """Collective. DeepSpeed writes `latest` after the tag's files, so a partial tag is never resumed from;
-        rank 0 then deletes all but the newest `keep_last` tags."""
+        rank 0 then deletes all but the newest `keep_last` tags. The EMA target travels in the client state: whole
+        at stages 0-2, each rank's partition in its own file under ZeRO-3."""
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-        client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: ds_checkpoint.universal_info()}
+        targets = zero3.target_state(target) if self.stage == 3 else {"target_encoder": target.state_dict()}
+        client_state = {**client_state, **targets, UNIVERSAL_CHECKPOINT_INFO: ds_checkpoint.universal_info()}
         self.engine.save_checkpoint(folder, tag=tag, client_state=client_state)
         if self.engine.global_rank == 0:
             ds_checkpoint.prune_tags(folder, keep_last)
 
-    def load(self, folder: str) -> dict[str, Any] | None:
-        """The latest tag's client state after loading it, or None. Collective. A ZeRO-1/2 tag written by another
-        number of ranks goes through DeepSpeed's universal format (engine/ds_checkpoint.py)."""
+    def load(self, folder: str, target: nn.Module) -> dict[str, Any] | None:
+        """Load the latest tag (the EMA target included); its client state, or None without one. Collective. A
+        ZeRO-1/2 tag written by another number of ranks goes through DeepSpeed's universal format
+        (engine/ds_checkpoint.py); a ZeRO-3 one resumes only on the world size that wrote it."""
+        client_state = self._load_engine(folder)
+        if client_state is not None:
+            if self.stage == 3:
+                zero3.load_target_state(target, client_state)
+            else:
+                target.load_state_dict(client_state["target_encoder"])
+        return client_state
+
+    def _load_engine(self, folder: str) -> dict[str, Any] | None:
         tag = ds_checkpoint.latest_tag(folder)
         if tag is None:
             return None
@@ -314,6 +373,10 @@ class DeepSpeedBackend(Backend):
         if not saved or saved == world:
             _, client_state = self.engine.load_checkpoint(folder, tag=tag)
             return client_state
+        if self.stage == 3:
+            raise ConfigError(f"the checkpoint {Path(folder) / tag} was written by {saved} ranks under ZeRO-3, which "
+                              f"resumes only on the same number of ranks (this run has {world}): rerun with "
+                              f"{saved} ranks, or resume on stage 2 from a stage-2 checkpoint")
         if self.engine.global_rank == 0:
             print(f"the checkpoint {tag} was written by {saved} ranks, this run has {world}: converting it to "
                   f"DeepSpeed's universal format", flush=True)

@@ -18,6 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from models.pretrained import CheckpointMismatch, load_strict, strip_wrappers
 
 
 def latest_path(folder: str | Path, write_tag: str) -> Path:
@@ -69,6 +72,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (meta.read_checkpoint)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_start_weights(path: str | Path, encoder: nn.Module, predictor: nn.Module,
+                       target_encoder: nn.Module) -> dict[str, Any]:
+    """`meta.read_checkpoint`: a checkpoint of ours, an exported one or a released V-JEPA file (wrapper prefixes
+    stripped), loaded strictly into the three modules (a file without a target starts it from its encoder). Returns
+    the file's state for the rest (opt, epoch, step, rng where present)."""
+    state = load_checkpoint(path)
+    for entry, module in (("encoder", encoder), ("predictor", predictor), ("target_encoder", target_encoder)):
+        weights = state.get(entry) or (state.get("encoder") if entry == "target_encoder" else None)
+        if not weights:
+            raise CheckpointMismatch(f"{path} has no {entry!r} entry (meta.read_checkpoint)")
+        load_strict(module, strip_wrappers(weights), where=f"{path} [{entry}]")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

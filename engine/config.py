@@ -356,6 +356,8 @@ def validate(cfg: Config) -> None:
         (cfg.meta.max_steps is None or cfg.meta.max_steps >= 0, "meta.max_steps must be >= 0 or null"),
         (cfg.meta.backend in ("auto", "torch", "deepspeed"), "meta.backend must be auto, torch or deepspeed"),
         (cfg.meta.max_nonfinite_steps >= 1, "meta.max_nonfinite_steps must be >= 1"),
+        (not cfg.meta.load_checkpoint or bool(cfg.meta.read_checkpoint),
+         "meta.load_checkpoint=true needs meta.read_checkpoint (the file to start from)"),
         (type(cfg.accumulation_steps) is int and cfg.accumulation_steps >= 1,
          f"deepspeed.gradient_accumulation_steps must be an integer >= 1, got {cfg.accumulation_steps!r}"),
         (cfg.logging.log_every >= 1 and cfg.logging.checkpoint_every >= 1 and cfg.logging.keep_last >= 1,

@@ -187,13 +187,16 @@ def memory_estimate(cfg: Config, m: ModelShape, world: int, stage: int, tokens: 
     if stage in (1, 2):  # DeepSpeed's defaults: a 5e8-element bucket, contiguous_gradients on, overlap_comm off
         bucket = int(zero.get("reduce_bucket_size", 5e8)) * (2 if zero.get("overlap_comm", False) else 1)
         buffers = 4 * trained // world + (4 * bucket if zero.get("contiguous_gradients", True) else 0)
+    elif stage == 3:  # fp32 master partitions, the reduce bucket and the prefetched (gathered) parameters
+        buffers = 4 * trained // world + 4 * int(zero.get("reduce_bucket_size", 5e8)) + 4 * int(
+            zero.get("stage3_prefetch_bucket_size", 5e7))
     ctx, pred_tokens, tgt = tokens
     per_enc = block_activation_bytes(enc.dim, enc.mlp_hidden, m.encoder_heads)
     per_pred = block_activation_bytes(pred.dim, pred.mlp_hidden, m.predictor_heads)
     b, n = d.batch_size, cfg.num_tokens
     return Memory(
         weights=4 * (m.encoder_total + m.predictor_total) // (world if stage >= 3 else 1),
-        target=4 * m.encoder_total,
+        target=4 * m.encoder_total // (world if stage >= 3 else 1),  # ZeRO-3 partitions it with the encoder
         grads=4 * trained // (world if stage >= 2 else 1),
         optimizer=8 * trained // (world if stage >= 1 else 1),
         zero_buffers=buffers,
@@ -288,11 +291,12 @@ def format_report(r: DryRun) -> str:
         "performance_anchors.md)",
         f"Memory per GPU, world {r.world_size}, ZeRO stage {stage} (estimate: no fragmentation, workspaces, NCCL)",
         f"  fp32 weights, encoder + predictor   {gib(mem.weights, per_world[3])}",
-        f"  fp32 target encoder                 {gib(mem.target, 'outside the DeepSpeed engine: never partitioned')}",
+        f"  fp32 target encoder                 "
+        f"{gib(mem.target, per_world[3] + ', partitioned with the encoder' if stage >= 3 else 'whole on every GPU')}",
         f"  fp32 gradients                      {gib(mem.grads, per_world[2])}",
         f"  AdamW exp_avg + exp_avg_sq, fp32    {gib(mem.optimizer, per_world[1])}",
         f"  model states                        {gib(mem.model_states)}",
-        f"  ZeRO-1/2 fp32 master clone, bucket  {gib(mem.zero_buffers)}",
+        f"  ZeRO fp32 master clone, buckets     {gib(mem.zero_buffers)}",
         f"  bf16 weight copies (autocast)       {gib(mem.weight_casts)}",
         f"  clips, target features, heads       {gib(mem.other)}",
         f"  block activations                   {gib(mem.blocks)}   every block checkpointed "

@@ -20,7 +20,9 @@ from models import attention
 
 from .backends import DeepSpeedBackend, TorchBackend
 from .build import build_encoder, build_predictor, encoder_variant
-from .checkpoint import load_checkpoint, resume_path, rng_state, save_checkpoint, set_rng_state
+from . import ds_checkpoint
+from .checkpoint import (load_checkpoint, load_start_weights, resume_path, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import Config, save_resolved
 from .data.loader import Batch
 from .data.pipeline import TrainingData, build_training_data, read_run_index
@@ -136,29 +138,34 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     encoder, predictor = build_encoder(cfg).to(device), build_predictor(cfg).to(device)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)
     models = Models(encoder, predictor, target_encoder)
-    backend = DeepSpeedBackend(encoder, predictor, cfg) if use_ds else TorchBackend(encoder, predictor, cfg)
 
-    # resume: the run folder's latest checkpoint, else an explicit starting checkpoint
+    # resume: the run folder's latest checkpoint, else an explicit starting file (its weights go in before the
+    # backend exists: ZeRO-3 partitions them)
     opt = cfg.optimization
-    start_step = 0
     ds_folder = str(folder / "deepspeed")
+    resumable = ds_checkpoint.latest_tag(ds_folder) if use_ds else resume_path(folder, cfg.logging.write_tag)
+    start = None
+    if resumable is None and cfg.meta.load_checkpoint:
+        start = load_start_weights(cfg.meta.read_checkpoint, encoder, predictor, target_encoder)
+    backend = (DeepSpeedBackend(encoder, predictor, cfg, target_encoder) if use_ds
+               else TorchBackend(encoder, predictor, cfg))
+    state = None
     if use_ds:
-        state = backend.load(ds_folder)
-        if state is not None:
-            target_encoder.load_state_dict(state["target_encoder"])
-            start_step = state["step"]
+        state = backend.load(ds_folder, target_encoder)
+    elif resumable is not None:
+        state = load_checkpoint(resumable)
+        backend.load_state_dict(state)
+        target_encoder.load_state_dict(state["target_encoder"])
+    elif start is not None:
+        state = start
+        if not use_ds and isinstance(start.get("opt"), dict):  # the reference's layout is ours: 4 groups, same order
+            backend.optimizer.load_state_dict(start["opt"])
+    start_step = 0
+    if state is not None:
+        # a released or exported file continues at its epoch, as the reference's load_checkpoint does
+        start_step = state.get("step", int(state.get("epoch") or 0) * opt.ipe)
+        if "rng" in state:  # absent from released files
             set_rng_state(state["rng"])
-    else:
-        path = resume_path(folder, cfg.logging.write_tag)
-        if path is None and cfg.meta.load_checkpoint:
-            path = Path(cfg.meta.read_checkpoint or "")
-        if path is not None:
-            state = load_checkpoint(path)
-            backend.load_state_dict(state)
-            target_encoder.load_state_dict(state["target_encoder"])
-            start_step = state["step"]
-            if "rng" in state:  # absent from checkpoints of the reference's code
-                set_rng_state(state["rng"])
     total_steps = opt.ipe * opt.epochs
     stop = total_steps if cfg.meta.max_steps is None else min(total_steps, cfg.meta.max_steps)
     if main:
@@ -275,8 +282,7 @@ def _save(cfg: Config, folder: Path, ds_folder: str, backend: Any, models: Model
             "batch_size": cfg.data.batch_size, "world_size": world, "lr": lr, "config": cfg.to_dict(),
             "rng": rng_state()}
     if use_ds:  # collective: every rank writes its partition
-        backend.save(ds_folder, f"step{next_step}", {"target_encoder": models.target_encoder.state_dict(), **meta},
-                     keep_last=cfg.logging.keep_last)
+        backend.save(ds_folder, f"step{next_step}", meta, keep_last=cfg.logging.keep_last, target=models.target_encoder)
     elif main:
         save_checkpoint(folder, cfg.logging.write_tag, next_step,
                         {**backend.state_dict(), "target_encoder": models.target_encoder.state_dict(), **meta},

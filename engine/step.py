@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels import ema_, masked_l1_loss
+from kernels import masked_l1_loss
 from models import Predictor, VisionTransformer
 
 from .backends import Backend
@@ -49,12 +49,6 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
     if device.type != "cuda" or dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=getattr(torch, dtype))
-
-
-def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target = m * target + (1 - m) * online for every parameter (including the frozen position table), one
-    multi-tensor launch with the Triton kernels."""
-    ema_(list(target.parameters()), list(online.parameters()), momentum)
 
 
 def forward_loss(models: Models, video: torch.Tensor, masks: StepMasks, *, loss_exp: float,
@@ -96,7 +90,7 @@ def train_step(models: Models, backend: Backend, micro_batches: Iterable[tuple[t
     losses, ran = [], []
     features = (None, None)
     for micro, (video, masks) in enumerate(micro_batches):
-        loss, h, pred = forward_loss(models, video, masks, loss_exp=loss_exp, dtype=dtype)
+        loss, h, pred = backend.run_forward(forward_loss, models, video, masks, loss_exp=loss_exp, dtype=dtype)
         features = (h, pred.detach()) if keep_features else (None, None)
         del h, pred
         losses.append(loss.detach())
@@ -112,7 +106,7 @@ def train_step(models: Models, backend: Backend, micro_batches: Iterable[tuple[t
     grad_norms = backend.clip_and_step(clip_grad, boundary_backward=ran[-1]) if finite else None
 
     # EMA
-    ema_update(models.target_encoder, models.encoder, momentum)
+    backend.ema_update(models.target_encoder, models.encoder, momentum)
 
     mean = torch.stack(finite).mean() if finite else losses[-1]
     return StepOutput(mean, finite, *features, grad_norms, len(ran) - len(finite))

@@ -2,6 +2,8 @@
 
 from .packing import Packing
 from .predictor import Predictor, PredictorLayout
+from .pretrained import CheckpointMismatch, load_pretrained
 from .vit import VARIANTS, Variant, VisionTransformer
 
-__all__ = ["VARIANTS", "Packing", "Predictor", "PredictorLayout", "Variant", "VisionTransformer"]
+__all__ = ["VARIANTS", "CheckpointMismatch", "Packing", "Predictor", "PredictorLayout", "Variant",
+           "VisionTransformer", "load_pretrained"]

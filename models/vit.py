@@ -2,8 +2,8 @@
 
 `forward(video, token_index, packing)` embeds only the tubelets in `token_index` (every sequence of a step, of any
 lengths, all mask generators together) and runs the blocks once over the packed set: one call where the reference
-runs one encoder pass per mask generator over sets truncated to the batch minimum. `forward_dense(video)` is the
-all-token case (target encoder, evaluation).
+runs one encoder pass per mask generator over sets truncated to the batch minimum. `forward(video)` (or
+`forward_dense`) is the all-token case (target encoder, evaluation), (B, N, D).
 """
 
 from __future__ import annotations
@@ -60,15 +60,19 @@ class VisionTransformer(nn.Module):
         with torch.no_grad():
             self.pos_embed.copy_(sincos_3d(variant.dim, self.grid, uniform_power)[None])
 
-    def forward(self, video: torch.Tensor, token_index: torch.Tensor, packing: Packing) -> torch.Tensor:
-        """video (B, C, F, H, W); token_index (T,) int64 ids clip*N + n, grouped by `packing` -> (T, D)."""
+    def forward(self, video: torch.Tensor, token_index: torch.Tensor | None = None,
+                packing: Packing | None = None) -> torch.Tensor:
+        """video (B, C, F, H, W); token_index (T,) int64 ids clip*N + n, grouped by `packing` -> (T, D). Without
+        them, all N tokens of every clip -> (B, N, D)."""
+        if token_index is None:
+            b = video.shape[0]
+            index = torch.arange(b * self.num_tokens, device=video.device)
+            return self(video, index, Packing.uniform(b, self.num_tokens, video.device)).view(b, self.num_tokens, -1)
         x = self.patch_embed(video, token_index, self.pos_embed)  # embedding + position rows, in the compute dtype
         x = run_blocks(self.blocks, x, packing, self.checkpoint_every)
         return self.norm(x)
 
     def forward_dense(self, video: torch.Tensor) -> torch.Tensor:
-        """All N tokens of every clip: (B, C, F, H, W) -> (B, N, D)."""
-        b = video.shape[0]
-        index = torch.arange(b * self.num_tokens, device=video.device)
-        out = self.forward(video, index, Packing.uniform(b, self.num_tokens, video.device))
-        return out.view(b, self.num_tokens, -1)
+        """All N tokens of every clip: (B, C, F, H, W) -> (B, N, D). Through the module call, so that hooks (ZeRO-3's
+        parameter gathering) see it."""
+        return self(video)

@@ -21,12 +21,12 @@ from functools import lru_cache
 import pytest
 import torch
 
-from engine.backends import BF16_NOTICE, TorchBackend, check_deepspeed_config
+from engine.backends import BF16_NOTICE, TorchBackend, check_deepspeed_config, ema_update
 from engine.build import build_encoder, build_predictor
 from engine.config import ConfigError, load_config
 from engine.masks import sample_masks
 from engine.packed_masks import StepMasks
-from engine.step import Models, ema_update, forward_loss
+from engine.step import Models, forward_loss
 
 from .conftest import ROOT
 
@@ -62,7 +62,15 @@ CASES = {  # name: (deepspeed section, gradient accumulation steps)
     "bf16_stage1_fp32_accum": ({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
                                 "data_types": {"grad_accum_dtype": "fp32"}}, 1),
     "bf16_stage2": ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, 1),
+    # ZeRO-3: the target encoder partitioned like the encoder, its EMA on the local partitions. Parameters under
+    # stage3_param_persistence_threshold elements stay whole on every rank (all of this tiny model's by default):
+    # 0 partitions every one, 1000 partitions the matrices and keeps biases and norms whole.
+    "stage3": ({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}, 1),
+    "stage3_gas2_nan": ({"zero_optimization": {"stage": 3}}, 2),
+    "stage3_checkpointing": ({"zero_optimization": {"stage": 3, "overlap_comm": False,
+                                                    "stage3_param_persistence_threshold": 1000}}, 1),
 }
+EXTRA = {"stage3_checkpointing": ["--model.activation_checkpointing=1"]}  # per-case config overrides
 FP32_CASES = [name for name, (ds, _) in CASES.items() if not ds.get("bf16", {}).get("enabled")]
 
 _WORKER = """
@@ -75,9 +83,9 @@ run_rank(json.loads(sys.argv[1]), sys.argv[2])
 """
 
 
-def _config(ds=None, gas=1):
-    extra = [] if ds is None else [f"--deepspeed={json.dumps({**ds, 'gradient_accumulation_steps': gas})}"]
-    return load_config(ROOT / "configs" / "tiny_synthetic.json", [*OVERRIDES, *extra])
+def _config(ds=None, gas=1, extra=()):
+    section = [] if ds is None else [f"--deepspeed={json.dumps({**ds, 'gradient_accumulation_steps': gas})}"]
+    return load_config(ROOT / "configs" / "tiny_synthetic.json", [*OVERRIDES, *section, *extra])
 
 
 def _models(cfg):
@@ -104,6 +112,8 @@ def _state(models):
 def run_rank(cases, out):
     """Each case: DeepSpeedBackend + engine.step.train_step over CLIPS; rank r, micro-step m takes clip m*WORLD + r;
     the guard decides (collectively) which micro-batches run their backward."""
+    from deepspeed.runtime.zero import GatheredParameters
+
     from engine.backends import DeepSpeedBackend
     from engine.faults import StepGuard
     from engine.step import train_step
@@ -112,9 +122,9 @@ def run_rank(cases, out):
     for name in cases:
         start = time.perf_counter()
         ds, gas = CASES[name]
-        cfg = _config(ds, gas)
+        cfg = _config(ds, gas, EXTRA.get(name, ()))
         models = _models(cfg)
-        backend = DeepSpeedBackend(models.encoder, models.predictor, cfg)
+        backend = DeepSpeedBackend(models.encoder, models.predictor, cfg, models.target_encoder)
         guard = StepGuard(distributed=True, max_nonfinite=10, device=torch.device("cpu"))
         steps = []
         for step, clip in enumerate(CLIPS):
@@ -123,7 +133,10 @@ def run_rank(cases, out):
             result = train_step(models, backend, micro_batches, lr=LR, wd=WD, momentum=MOMENTUM, clip_grad=clip,
                                 loss_exp=1.0, dtype="float32", proceed=lambda loss: guard.check(loss, step))
             ds_norm = backend.engine.get_global_grad_norm()
-            steps.append({**_state(models), "loss": float(result.loss), "skipped": result.skipped,
+            params = {id(p): p for m in (models.encoder, models.predictor, models.target_encoder) for p in m.parameters()}
+            with GatheredParameters(list(params.values())):
+                state = _state(models)  # whole parameters (a no-op below stage 3)
+            steps.append({**state, "loss": float(result.loss), "skipped": result.skipped,
                           "norms": None if result.grad_norms is None else [float(n) for n in result.grad_norms],
                           "ds_norm": None if ds_norm is None else float(ds_norm)})
         if rank == 0:
@@ -246,7 +259,8 @@ def test_bf16_notice_only_in_bf16_mode(ranks):
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"zero_optimization": {"stage": 3}}, "stage 3 is not supported"),
+    ({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}, "bf16 with ZeRO stage 3"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "ZeRO-3 offload"),
     ({"gradient_clipping": 1.0}, "gradient_clipping"),
     ({"fp16": {"enabled": True}}, "fp16"),
     ({"bf16": {"enabled": True}}, "FP16_UnfusedOptimizer"),  # bf16 weights at stage 0

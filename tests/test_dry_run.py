@@ -87,11 +87,12 @@ def test_memory_model_states_by_zero_stage():
     trained, everything = TINY_ENCODER + TINY_PREDICTOR, TINY_ENCODER + TINY_PREDICTOR + TINY_ENCODER_POS + \
         TINY_PREDICTOR_POS
     world, bucket = 4, 1000
-    expected = {  # weights, target, grads, AdamW states; the target encoder is never partitioned
-        0: (4 * everything, 4 * (TINY_ENCODER + TINY_ENCODER_POS), 4 * trained, 8 * trained),
-        1: (4 * everything, 4 * (TINY_ENCODER + TINY_ENCODER_POS), 4 * trained, 8 * trained // world),
-        2: (4 * everything, 4 * (TINY_ENCODER + TINY_ENCODER_POS), 4 * trained // world, 8 * trained // world),
-        3: (4 * everything // world, 4 * (TINY_ENCODER + TINY_ENCODER_POS), 4 * trained // world, 8 * trained // world),
+    target = 4 * (TINY_ENCODER + TINY_ENCODER_POS)
+    expected = {  # weights, target, grads, AdamW states; the target encoder is partitioned under ZeRO-3 only
+        0: (4 * everything, target, 4 * trained, 8 * trained),
+        1: (4 * everything, target, 4 * trained, 8 * trained // world),
+        2: (4 * everything, target, 4 * trained // world, 8 * trained // world),
+        3: (4 * everything // world, target // world, 4 * trained // world, 8 * trained // world),
     }
     states = []
     for stage, (weights, target, grads, optimizer) in expected.items():
@@ -100,8 +101,10 @@ def test_memory_model_states_by_zero_stage():
         assert r.zero_stage == stage
         mem = r.memory
         assert (mem.weights, mem.target, mem.grads, mem.optimizer) == (weights, target, grads, optimizer)
-        # DeepSpeed's ZeRO-1/2 optimizer clones its fp32 partition and stages gradients in one reduce bucket
-        assert mem.zero_buffers == (4 * trained // world + 4 * bucket if stage in (1, 2) else 0)
+        # DeepSpeed's ZeRO optimizers clone their fp32 partition and stage gradients in one reduce bucket; ZeRO-3
+        # also holds its prefetched parameters (default bucket 5e7 elements)
+        assert mem.zero_buffers == {0: 0, 1: 4 * trained // world + 4 * bucket, 2: 4 * trained // world + 4 * bucket,
+                                    3: 4 * trained // world + 4 * bucket + 4 * int(5e7)}[stage]
         assert mem.weight_casts == 2 * trained
         states.append(mem.model_states)
     assert states[0] > states[1] > states[2] > states[3]

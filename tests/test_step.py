@@ -8,12 +8,12 @@ import torch
 
 import kernels
 
-from engine.backends import TorchBackend, param_groups
+from engine.backends import TorchBackend, ema_update, param_groups
 from engine.build import build_encoder, build_predictor
 from engine.config import load_config
 from engine.masks import sample_masks
 from engine.packed_masks import StepMasks
-from engine.step import Models, ema_update, forward_loss, train_step
+from engine.step import Models, forward_loss, train_step
 from models import Packing
 
 from .conftest import ROOT

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from engine.export import export
 from engine.loop import train
 
 from .conftest import ROOT
@@ -144,3 +145,35 @@ def test_zero2_checkpoint_resumes_on_another_world_size(synthetic_root, tmp_path
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["step3"]  # keep_last=1 took step2 and its copy
     state = torch.load(folder / "step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
     assert float(state["optimizer_state_dict"]["base_optimizer_state"]["state"][0]["step"]) == 3  # 2 loaded + 1
+
+
+def test_zero3_resume_is_bit_exact_and_needs_the_same_world_size(synthetic_root, tmp_path):
+    """ZeRO-3 partitions the EMA target with the encoder: each rank saves and reloads its own partitions, so 2 + 2
+    steps equal 4 straight; another number of ranks is refused with the way out."""
+    pytest.importorskip("deepspeed")
+    args = ["--config", "configs/tiny_synthetic.json", "--data.synthetic_root=null",
+            f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]", "--data.num_workers=0", "--data.batch_size=2",
+            "--logging.log_every=1", "--logging.checkpoint_every=2", "--meta.backend=deepspeed",
+            # 0: every parameter partitioned (none kept whole), so the checkpoint holds real partitions
+            '--deepspeed={"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}']
+    _launch(2, [*args, "--meta.max_steps=4", f"--logging.folder={tmp_path}/a"], tmp_path)
+    _launch(2, [*args, "--meta.max_steps=2", f"--logging.folder={tmp_path}/b"], tmp_path)
+    output = _launch(2, [*args, "--meta.max_steps=4", f"--logging.folder={tmp_path}/b"], tmp_path)
+    assert "resuming" in output
+    assert [r["loss"] for r in _rows(tmp_path / "b")] == [r["loss"] for r in _rows(tmp_path / "a")]  # as printed
+    shards = [torch.load(tmp_path / run / "deepspeed" / "step4" / "zero_pp_rank_1_mp_rank_00_model_states.pt",
+                         weights_only=False)["target_encoder_shards"] for run in ("a", "b")]
+    assert all(torch.equal(x, y) for x, y in zip(*shards)) and sum(x.numel() for x in shards[0]) > 0
+    # exported (consolidated from the partitions), the run equals the same run under ZeRO-2
+    stage2 = [a.replace('"stage": 3, "stage3_param_persistence_threshold": 0', '"stage": 2') for a in args]
+    _launch(2, [*stage2, "--meta.max_steps=4", f"--logging.folder={tmp_path}/c"], tmp_path)
+    zero3, zero2 = (torch.load(export(tmp_path / run, tmp_path / f"{run}.pth.tar")) for run in ("a", "c"))
+    for entry in ("encoder", "predictor", "target_encoder"):
+        assert zero3[entry].keys() == zero2[entry].keys()
+        worst = max((zero3[entry][k] - zero2[entry][k]).abs().max().item() for k in zero2[entry])
+        assert worst < 1e-5, (entry, worst)
+    one_rank = subprocess.run([sys.executable, "-c", _DEEPSPEED_RUN, *args, "--meta.max_steps=6",
+                               f"--logging.folder={tmp_path}/b"], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert one_rank.returncode != 0
+    assert "written by 2 ranks under ZeRO-3, which resumes only on the same number of ranks" in one_rank.stderr
