@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: setup
-	$(BIN)/python engine/train.py --config configs/tiny_synthetic.json
+	$(BIN)/python -m engine.demo
 
 # the unit tests, then every benchmark once as a smoke test (timings belong to `pytest benchmarks/ --benchmark-only`)
 test: setup

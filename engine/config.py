@@ -20,7 +20,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -299,6 +301,20 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- JSON file <- CLI overrides, type-checked and validated."""
+    cfg = build_config(Config, path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any], source: str) -> Config:
+    """A Config from a resolved tree (a checkpoint's `config` entry), type-checked and validated."""
+    cfg = _build(Config, tree, "", source)
+    validate(cfg)
+    return cfg
+
+
+def build_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """A dataclass tree `cls` from defaults <- JSON file <- CLI overrides, type-checked (not validated)."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -312,13 +328,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be an object of sections")
         source = str(path)
-    cfg = _build(Config, tree, "", source)  # check the file alone first so its errors name the file
+    cfg = _build(cls, tree, "", source)  # check the file alone first so its errors name the file
     if overrides:
-        defaults = Config().to_dict()
+        defaults = dataclasses.asdict(cls())
         for key, value in parse_overrides(overrides):
             _set_override(tree, key, value, defaults)
-        cfg = _build(Config, tree, "", "command line")
-    validate(cfg)
+        cfg = _build(cls, tree, "", "command line")
     return cfg
 
 

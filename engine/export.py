@@ -2,8 +2,9 @@
 so that tools written for the official files read ours (`models.load_pretrained` among them).
 
 The output holds `encoder`, `predictor` and `target_encoder` (fp32, keys `module.backbone.<name>`, as a reference
-training run writes them) and the reference's `epoch`, `loss`, `batch_size`, `world_size`, `lr`. It holds weights only:
-no optimizer state (a run continues from its own folder). Sources:
+training run writes them), the reference's `epoch`, `loss`, `batch_size`, `world_size`, `lr`, and the run's resolved
+`config` (ours; the evaluation reads the architecture from it). It holds weights only: no optimizer state (a run
+continues from its own folder). Sources:
 
 * the PyTorch backend's `<write_tag>-latest.pth.tar`;
 * a DeepSpeed run's `deepspeed/<latest tag>`: stage 0 stores the whole module; ZeRO-1/2/3 store the fp32 master
@@ -62,6 +63,7 @@ def export_state(folder: str | Path) -> dict[str, Any]:
         load_strict(module, weights[entry], where=f"{folder} [{entry}]")
         out[entry] = add_wrappers({k: v.float() for k, v in module.state_dict().items()})
     out.update({key: meta.get(key) for key in META})
+    out["config"] = cfg.to_dict()  # ours: the architecture of a model outside the named variants (tiny configs)
     return out
 
 

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from kernels import masked_l1_loss
 from models import Predictor, VisionTransformer

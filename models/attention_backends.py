@@ -113,7 +113,7 @@ def sdpa_backend(name: str) -> Backend:
 def sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) -> torch.Tensor:
     """Every sequence zero-padded to max_seqlen, padded keys masked out: what a user without varlen attention writes.
     A baseline for benchmarks and comparisons: it computes (and moves) the padding, so it is never auto's choice."""
-    num_seqs, length, (total, heads, head_dim) = packing.num_seqs, packing.max_seqlen, q.shape
+    num_seqs, length, (_, heads, head_dim) = packing.num_seqs, packing.max_seqlen, q.shape
     rows = packing.padded_rows.to(q.device, non_blocking=True)
 
     def pad(t: torch.Tensor) -> torch.Tensor:  # (T, H, Dh) -> (S * L, H, Dh), zeros after each sequence's end

@@ -8,7 +8,6 @@ import torch
 
 from engine.data.bad_videos import TooManyBadVideos
 from engine.data.index import read_index
-from engine.data.loader import build_loader
 from engine.data.pipeline import build_training_data
 from engine.loop import train
 from engine.packed_masks import MaskMaker

@@ -55,7 +55,7 @@ def test_nonfinite_in_a_row_stop_the_run_with_the_last_finite_loss(tiny_config, 
 
 def test_a_skipped_step_leaves_the_weights_and_moves_the_ema():
     from engine.backends import TorchBackend
-    from engine.step import Models, train_step
+    from engine.step import train_step
     from tests.test_step import _cfg, _models
     from engine.masks import sample_masks
     from engine.packed_masks import StepMasks

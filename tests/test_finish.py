@@ -1,7 +1,6 @@
 """The device-side last stage: uint8 crops finished on the device equal the workers' finished clips; DALI batches that
 fail are decoded again with PyAV, and samples no decoder can read are replaced."""
 
-import numpy as np
 import pytest
 import torch
 

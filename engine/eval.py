@@ -1,0 +1,39 @@
+"""Entry point: `python engine/eval.py --config configs/eval/X.json --checkpoint RUN_FOLDER_OR_FILE
+[--random-init] [--section.key=value ...]`: attentive probes on the frozen encoder, results.json in logging.folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: the repository on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import ConfigError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="V-JEPA frozen evaluation (attentive probe)",
+                                     epilog="Any --section.key=value overrides the config, e.g. --optimization.epochs=5")
+    parser.add_argument("--config", required=True, help="JSON eval config (overrides of V1's K400 probe recipe)")
+    parser.add_argument("--checkpoint", required=True, help="a training run folder, a file exported from one, or a "
+                        "released V-JEPA file")
+    parser.add_argument("--random-init", action="store_true", help="the checkpoint's architecture with fresh "
+                        "weights: the baseline the pretrained encoder must beat")
+    args, overrides = parser.parse_known_args(argv)
+    from engine.evaluation.config import load_eval_config
+
+    try:
+        cfg = load_eval_config(args.config, overrides)
+        from engine.evaluation.runner import run_eval
+
+        run_eval(cfg, args.checkpoint, random_init=args.random_init)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
