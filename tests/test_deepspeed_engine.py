@@ -250,8 +250,10 @@ def test_bf16_weights_mode_runs_and_clips(ranks, case):
         assert _max_diff(got, ref) < 2e-2, (case, step, _max_diff(got, ref))
         if CLIPS[step] is not None:
             assert got["norms"] == pytest.approx(ref["norms"], rel=2e-2)  # observed: 0.6 %
-            # DeepSpeed's norm, taken from the gradients the optimizer steps with, after the backend clipped them
-            assert got["ds_norm"] == pytest.approx(_clipped_norm(CLIPS[step], got["norms"]), rel=2e-3)
+            # DeepSpeed's norm, taken from the gradients the optimizer steps with, after the backend clipped them:
+            # the clip coefficient is rounded to bf16 (up to 2^-9 relative, the same for every element), then each
+            # product again, so the two norms agree to about 2^-8 (observed: 2.0e-3 with DeepSpeed 0.19.8)
+            assert got["ds_norm"] == pytest.approx(_clipped_norm(CLIPS[step], got["norms"]), rel=2 ** -8)
 
 
 def test_bf16_notice_only_in_bf16_mode(ranks):
