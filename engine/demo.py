@@ -1,7 +1,8 @@
 """`python -m engine.demo [--section.key=value ...]`: the README's main command. Pretrains the tiny config on the
 synthetic moving-shapes set (generated on first use), then probes the frozen encoder on both synthetic tasks, motion
 (8 directions) and appearance (4 shapes), against an encoder of the same shape with random weights, and prints
-top-1 beside chance. Overrides apply to the pretraining config (e.g. --meta.max_steps=100)."""
+top-1 beside chance; then linear read-outs of what both encoders' features hold (engine/evaluation/readout.py), which
+say why the probes come out as they do. Overrides apply to the pretraining config (e.g. --meta.max_steps=100)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from engine.config import ConfigError, load_config  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("motion", "appearance")
 PROBE_SEEDS = 3  # probes per (task, encoder): mean and spread over their seeds
+READOUT_CLIPS = (512, 256)  # rendered clips to fit / score the read-outs on: ~10 s per encoder on 2 cores
 
 
 def _probe(task: str, folder: Path, random_init: bool) -> dict:
@@ -49,6 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{task:<12}{classes:>8}{100 / classes:>9.1f}{random['top1']:>10.1f} +- {random['top1_std']:<3.1f}"
               f"{pretrained['top1']:>10.1f} +- {pretrained['top1_std']:<3.1f}")
     print(f"results: {folder / 'eval'}/<task>/<pretrained|random>/results.json")
+
+    from engine.evaluation.readout import encoder_readout, format_table
+
+    train_clips, val_clips = READOUT_CLIPS
+    print(f"\nWhat the features hold: linear read-outs on {train_clips} + {val_clips} freshly rendered clips "
+          f"(python -m engine.evaluation.readout --checkpoint {folder} --random-init)")
+    columns = {name: encoder_readout(folder, random_init=random_init, num_train=train_clips, num_val=val_clips)
+               for name, random_init in (("random init", True), ("pretrained", False))}
+    print(format_table(columns))
     return 0
 
 

@@ -1,5 +1,7 @@
 """Entry point: `python engine/eval.py --config configs/eval/X.json --checkpoint RUN_FOLDER_OR_FILE
-[--random-init] [--section.key=value ...]`: attentive probes on the frozen encoder, results.json in logging.folder."""
+[--random-init] [--section.key=value ...]`: attentive probes on the frozen encoder, results.json in logging.folder.
+Several GPUs: `deepspeed --num_gpus N engine/eval.py ...` (or torchrun): the clips are split over the ranks and the probe's
+gradients averaged, data.batch_size per rank, as V1's batch per GPU."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
                         "released V-JEPA file")
     parser.add_argument("--random-init", action="store_true", help="the checkpoint's architecture with fresh "
                         "weights: the baseline the pretrained encoder must beat")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher "
+                        "(the process group is read from its environment)")
     args, overrides = parser.parse_known_args(argv)
     from engine.evaluation.config import load_eval_config
 

@@ -19,12 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.build import build_encoder
 from engine.data.decode import VideoDecodeError, decode_frames
 from engine.data.probe import probe_file
-from engine.export import export_state, run_config
-from models import VARIANTS, VisionTransformer, load_pretrained
-from models.pretrained import load_strict, strip_wrappers
+from engine.evaluation.features import checkpoint_config, load_frozen_encoder
+from models import VisionTransformer
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)  # ImageNet statistics, as the training transforms
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
@@ -41,32 +39,17 @@ class Clip:
 
 def load_encoder(checkpoint: str | Path, frames: int | None = None, size: int | None = None,
                  frame_step: int | None = None) -> tuple[VisionTransformer, Clip]:
-    """The target encoder of a run folder or checkpoint file, built for the clip it will see. Unset clip settings
-    come from the run's config (a folder, or a file of ours, which carries it), else the released models' clips."""
+    """The target encoder of a run folder or checkpoint file, built for the clip it will see (the evaluation's
+    loader). Unset clip settings come from the run's config (a folder, or a file of ours, which carries it), else
+    the released models' clips."""
     path = Path(checkpoint)
-    if path.is_dir():
-        cfg = run_config(path)
+    cfg = checkpoint_config(path)
+    if cfg is not None:
         d = cfg.data
         clip = Clip(frames or d.num_frames, size or d.crop_size, frame_step or d.sampling_rate)
-        # another clip shape only changes the grid; load_strict then keeps the module's own sin-cos table
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, num_frames=clip.frames, crop_size=clip.size))
-        encoder = build_encoder(cfg)
-        load_strict(encoder, strip_wrappers(export_state(path)["target_encoder"]), where=f"{path} [target_encoder]")
-        return encoder.eval(), clip
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (pass a run folder or a .pth.tar file)")
-    # mmap: only the config is read here; load_pretrained reads the weights
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    config = state.get("config") if isinstance(state, dict) else None
-    heads = None
-    if isinstance(config, dict):  # one of our training checkpoints
-        d, m = config["data"], config["model"]
-        frames, size = frames or d["num_frames"], size or d["crop_size"]
-        frame_step = frame_step or d["sampling_rate"]
-        # the shapes give width and depth but not heads, and small configs override a variant's
-        heads = m.get("num_heads") or VARIANTS[m["model_name"]].heads
-    clip = Clip(frames or FILE_DEFAULTS[0], size or FILE_DEFAULTS[1], frame_step or FILE_DEFAULTS[2])
-    encoder = load_pretrained(path, img_size=clip.size, num_frames=clip.frames, num_heads=heads)
+    else:
+        clip = Clip(frames or FILE_DEFAULTS[0], size or FILE_DEFAULTS[1], frame_step or FILE_DEFAULTS[2])
+    encoder, _ = load_frozen_encoder(path, cfg, key="target_encoder", crop_size=clip.size, frames=clip.frames)
     return encoder, clip
 
 

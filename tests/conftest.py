@@ -35,3 +35,15 @@ def tiny_config(synthetic_root, tmp_path):
             f"--logging.folder={tmp_path}/run", "--data.num_workers=0", "--data.batch_size=4", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, synthetic_root):
+    """A 2-step pretraining run on the synthetic set, to probe."""
+    from engine.loop import train
+
+    folder = tmp_path_factory.mktemp("pretrain")
+    train(load_config(ROOT / "configs" / "tiny_synthetic.json", [
+        "--data.synthetic_root=null", f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]",
+        "--data.num_workers=0", "--data.batch_size=4", "--meta.max_steps=2", f"--logging.folder={folder}"]))
+    return folder

@@ -15,7 +15,6 @@ from engine.evaluation.data import balanced_subset
 from engine.evaluation.features import encode_views
 from engine.evaluation.probe import AttentiveProbe, load_probe_state, save_probe
 from engine.evaluation.views import eval_views
-from engine.loop import train
 
 from .conftest import ROOT
 
@@ -102,24 +101,17 @@ def test_label_efficiency_splits_are_disjoint_seeded_and_balanced():
         balanced_subset(labels, fraction=None, per_class=5, seed=0, split=2)
 
 
-def test_unimplemented_augmentation_is_a_clear_error():
-    with pytest.raises(ConfigError, match="rand_augment .* not implemented yet: set --data_aug.rand_augment=false"):
-        load_eval_config(None, ['--data.train=["a.csv"]', '--data.val=["b.csv"]'])
+def test_augmentation_config_errors():
+    data = ['--data.train=["a.csv"]', '--data.val=["b.csv"]']
+    cfg = load_eval_config(None, data)  # V1's recipe is the default, and implemented
+    assert (cfg.data_aug.rand_augment, cfg.data_aug.auto_augment, cfg.data_aug.reprob) == (True, True, 0.25)
+    with pytest.raises(ConfigError, match=r"data_aug.reprob .* must be in \[0, 1\]"):
+        load_eval_config(None, [*data, "--data_aug.reprob=1.5"])
+    with pytest.raises(ConfigError, match="random_resize_scale must be"):
+        load_eval_config(None, [*data, "--data_aug.random_resize_scale=[0.5, 0.1]"])
     with pytest.raises(ConfigError, match="cache_features needs data_aug.enabled=false"):
-        load_eval_config(None, ['--data.train=["a.csv"]', '--data.val=["b.csv"]', "--meta.cache_features=true",
-                                "--data_aug.rand_augment=false", "--data_aug.reprob=0"])
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, synthetic_root):
-    """A 2-step pretraining run on the synthetic set, to probe."""
-    from engine.config import load_config
-
-    folder = tmp_path_factory.mktemp("pretrain")
-    train(load_config(ROOT / "configs" / "tiny_synthetic.json", [
-        "--data.synthetic_root=null", f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]",
-        "--data.num_workers=0", "--data.batch_size=4", "--meta.max_steps=2", f"--logging.folder={folder}"]))
-    return folder
+        load_eval_config(None, [*data, "--meta.cache_features=true", "--data_aug.rand_augment=false",
+                                "--data_aug.reprob=0"])
 
 
 def _eval_config(synthetic_root, folder, *extra):
@@ -183,11 +175,11 @@ def test_image_folder_probe_repeats_each_image_along_time(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("recipe", ["k400_16x8x3", "ssv2_16x2x3", "in1k"])
 def test_recipe_configs_state_v1s_protocol(recipe):
-    with pytest.raises(ConfigError, match="not implemented yet"):  # V1's RandAugment: refused, not silently dropped
-        load_eval_config(ROOT / "configs" / "eval" / f"{recipe}.json")
-    cfg = load_eval_config(ROOT / "configs" / "eval" / f"{recipe}.json",
-                           ["--data_aug.rand_augment=false", "--data_aug.reprob=0"])
+    cfg = load_eval_config(ROOT / "configs" / "eval" / f"{recipe}.json")
     expected = {"k400_16x8x3": (400, 16, 8, 3), "ssv2_16x2x3": (174, 16, 2, 3), "in1k": (1000, 16, 1, 1)}[recipe]
-    d = cfg.data
+    d, aug = cfg.data, cfg.data_aug
     assert (d.num_classes, d.frames_per_clip, d.num_segments, d.num_views) == expected
+    # V1's training augmentation (spec 6.3 videos, 6.5 images), in full
+    assert aug.enabled and aug.rand_augment and aug.auto_augment and aug.reprob == 0.25
+    assert aug.random_resize_scale == [0.08, 1.0] and aug.random_resize_aspect_ratio == pytest.approx([3 / 4, 4 / 3])
     assert (cfg.optimization.epochs, cfg.optimization.lr, cfg.optimization.final_weight_decay) == (20, 1e-3, 1e-6)

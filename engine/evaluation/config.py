@@ -35,13 +35,15 @@ class EvalDataConfig:
 
 @dataclass
 class EvalAugConfig:
-    """Training-time transform of the probe (spec 6.3)."""
+    """Training-time transform of the probe: videos spec 6.3, images spec 6.5 (engine/evaluation/augment.py)."""
 
     enabled: bool = True  # (ours) false: the validation transform for training too (no randomness: cacheable)
-    random_resize_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    random_resize_aspect_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
-    rand_augment: bool = True  # "rand-m7-n4-mstd0.5-inc1", same ops on every frame
-    reprob: float = 0.25  # random erasing, pixel mode, one box on all frames
+    random_resize_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # videos and images
+    random_resize_aspect_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])  # videos and images
+    rand_augment: bool = True  # videos: RandAugment "rand-m7-n4-mstd0.5-inc1" on the raw frames, same ops on all frames
+    auto_augment: bool = True  # images: AutoAugment "original" (ImageNet policy) after the crop and flip (timm)
+    image_hflip_prob: float = 0.5  # images: timm's horizontal flip (videos are never flipped: V1 disables it)
+    reprob: float = 0.25  # random erasing after normalising: pixel mode (N(0, 1) noise), one box, on all frames
 
 
 @dataclass
@@ -103,11 +105,13 @@ def load_eval_config(path: str | Path | None = None, overrides: Sequence[str] = 
         (d.train_fraction is None or d.train_per_class is None, "set at most one of data.train_fraction and "
                                                                  "data.train_per_class"),
         (d.splits >= 1, "data.splits must be >= 1"),
-        (not (aug.enabled and aug.rand_augment), "data_aug.rand_augment (V1's RandAugment) is not implemented yet: "
-                                                 "set --data_aug.rand_augment=false (a deviation, recorded in "
-                                                 "results.json)"),
-        (not (aug.enabled and aug.reprob > 0), "data_aug.reprob (V1's random erasing) is not implemented yet: set "
-                                               "--data_aug.reprob=0 (a deviation, recorded in results.json)"),
+        (0 <= aug.reprob <= 1, "data_aug.reprob (random erasing probability) must be in [0, 1]"),
+        (0 <= aug.image_hflip_prob <= 1, "data_aug.image_hflip_prob must be in [0, 1]"),
+        (len(aug.random_resize_scale) == 2 and 0 < aug.random_resize_scale[0] <= aug.random_resize_scale[1] <= 1,
+         "data_aug.random_resize_scale must be [min, max] with 0 < min <= max <= 1"),
+        (len(aug.random_resize_aspect_ratio) == 2
+         and 0 < aug.random_resize_aspect_ratio[0] <= aug.random_resize_aspect_ratio[1],
+         "data_aug.random_resize_aspect_ratio must be [min, max] with 0 < min <= max"),
         (not (m.cache_features and aug.enabled), "meta.cache_features needs data_aug.enabled=false: augmented clips "
                                                  "differ every epoch, so their features cannot be reused"),
         (cfg.model.checkpoint_key in ("target_encoder", "encoder"), "model.checkpoint_key: target_encoder or encoder"),

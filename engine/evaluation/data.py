@@ -1,10 +1,11 @@
 """Evaluation data: an index entry -> its S segments x V views (spec 6.2), and class-balanced label-efficiency splits.
 
 Segments are `clip_frame_indices` over S equal partitions with overlap allowed (the reference's eval mode). Training
-draws segment positions and crops from a generator seeded by (seed, epoch, entry); validation is deterministic (the
-first span of each partition: V1 draws them at random there too, spec 6.3, which makes its accuracy noisy for long
-videos) and reads every entry exactly once. With `data_aug.enabled=false` training is deterministic as well, one
-view per segment through the one-view evaluation transform, which is what lets features be cached.
+draws segment positions and augmentations (`views.train_view` for videos, `augment.image_train_clip` for images)
+from a generator seeded by (seed, epoch, entry); validation is deterministic (the first span of each partition: V1
+draws them at random there too, spec 6.3, which makes its accuracy noisy for long videos) and reads every entry
+exactly once. With `data_aug.enabled=false` training is deterministic as well, one view per segment through the
+one-view evaluation transform, which is what lets features be cached.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from engine.data.index import is_image
 from engine.data.probe import probe_file
 from engine.data.sampling import clip_frame_indices
 
+from .augment import image_train_clip
 from .config import EvalAugConfig, EvalDataConfig
 from .views import eval_views, train_view
 
@@ -60,13 +62,18 @@ class EvalClips(torch.utils.data.Dataset):
             indices = clip_frame_indices(self._num_frames(i), d.frames_per_clip, d.frame_step, d.num_segments, rng,
                                          random_clip_sampling=augment, allow_clip_overlap=True)
         frames = torch.from_numpy(decode_frames(self.paths[i], np.concatenate(indices)))
-        f = d.frames_per_clip
+        f, a = d.frames_per_clip, self.aug
+        scale, ratio = tuple(a.random_resize_scale), tuple(a.random_resize_aspect_ratio)
         segments = []
         for s in range(d.num_segments):
             clip = frames[s * f:(s + 1) * f]
-            if augment:
-                segments.append(train_view(clip, d.crop_size, tuple(self.aug.random_resize_scale),
-                                           tuple(self.aug.random_resize_aspect_ratio), rng))
+            if augment and is_image(self.paths[i]):  # timm's ImageNet training transform, then F copies (spec 6.5)
+                segments.append(image_train_clip(clip[0], d.crop_size, f, scale, ratio, rng,
+                                                 auto_augment=a.auto_augment, reprob=a.reprob,
+                                                 hflip_prob=a.image_hflip_prob)[None])
+            elif augment:
+                segments.append(train_view(clip, d.crop_size, scale, ratio, rng, rand_augment=a.rand_augment,
+                                           reprob=a.reprob))
             else:  # training without augmentation: one view, as V1 trains
                 segments.append(eval_views(clip, d.crop_size, 1 if self.training else d.num_views))
         return torch.stack(segments), self.labels[i], i

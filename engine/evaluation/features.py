@@ -30,12 +30,19 @@ def frozen_encoder(checkpoint: str, cfg: EvalConfig, *, random_init: bool = Fals
     one (`python -m engine.export`) or a released V-JEPA file. `random_init`: the same architecture with fresh
     weights (seeded by meta.seed), the baseline a pretrained encoder must beat."""
     path = Path(checkpoint)
-    key = cfg.model.checkpoint_key
-    run_cfg = _run_config(path)
+    return load_frozen_encoder(path, checkpoint_config(path), key=cfg.model.checkpoint_key,
+                               crop_size=cfg.data.crop_size, frames=cfg.data.frames_per_clip,
+                               random_init=random_init, seed=cfg.meta.seed)
+
+
+def load_frozen_encoder(path: Path, run_cfg: Config | None, *, key: str, crop_size: int, frames: int,
+                        random_init: bool = False, seed: int = 0) -> tuple[VisionTransformer, str]:
+    """`frozen_encoder` for any clip shape: `run_cfg` is `checkpoint_config(path)` (the architecture of our runs
+    and files; None for a released file, whose variant comes from its shapes)."""
     if run_cfg is not None:
-        encoder = _encoder_for(run_cfg, cfg)
+        encoder = _encoder_for(run_cfg, crop_size, frames, seed)
         if random_init:
-            source = f"random init (seed {cfg.meta.seed}) of {path}'s encoder"
+            source = f"random init (seed {seed}) of {path}'s encoder"
         else:
             from engine.export import export_state
 
@@ -47,32 +54,34 @@ def frozen_encoder(checkpoint: str, cfg: EvalConfig, *, random_init: bool = Fals
         raise ConfigError(f"--random-init needs a run folder or a file exported from one (for the architecture); "
                           f"{path} is neither")
     else:
-        encoder = load_pretrained(path, which=key, img_size=cfg.data.crop_size, num_frames=cfg.data.frames_per_clip)
+        encoder = load_pretrained(path, which=key, img_size=crop_size, num_frames=frames)
         source = f"{path} [{key}]"
     return encoder.requires_grad_(False).eval(), source
 
 
-def _run_config(path: Path) -> Config | None:
-    """The pretraining config of a run folder or of a file exported from one; None for a released file."""
+def checkpoint_config(path: Path) -> Config | None:
+    """The pretraining config of a run folder or of a file of ours (checkpoint or export); None for a released
+    file."""
     from engine.export import run_config
 
     if path.is_dir():
         return run_config(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (a run folder, an exported file or a released one)")
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    # mmap: the config is read without loading the weights
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     return config_from_dict(state["config"], str(path)) if isinstance(state.get("config"), dict) else None
 
 
-def _encoder_for(run_cfg: Config, cfg: EvalConfig) -> VisionTransformer:
-    """The run's encoder architecture on the eval clip size (its sin-cos table follows the grid)."""
-    torch.manual_seed(cfg.meta.seed)
+def _encoder_for(run_cfg: Config, crop_size: int, frames: int, seed: int) -> VisionTransformer:
+    """The run's encoder architecture on another clip size (its sin-cos table follows the grid)."""
+    torch.manual_seed(seed)
     d = run_cfg.data
-    if (d.crop_size, d.num_frames) == (cfg.data.crop_size, cfg.data.frames_per_clip):
+    if (d.crop_size, d.num_frames) == (crop_size, frames):
         return build_encoder(run_cfg)
-    return VisionTransformer(encoder_variant(run_cfg), img_size=cfg.data.crop_size,
-                             num_frames=cfg.data.frames_per_clip, patch_size=d.patch_size,
-                             tubelet_size=d.tubelet_size, uniform_power=run_cfg.model.uniform_power)
+    return VisionTransformer(encoder_variant(run_cfg), img_size=crop_size, num_frames=frames,
+                             patch_size=d.patch_size, tubelet_size=d.tubelet_size,
+                             uniform_power=run_cfg.model.uniform_power)
 
 
 @torch.no_grad()

@@ -3,7 +3,10 @@
 * several views: resize the short side to `crop`, then V crops of crop x crop along the long side at offsets
   i * ((long - crop) // (V - 1)) (left / centre / right);
 * one view: resize the short side to int(crop * 256 / 224), then the centre crop;
-* training: an Inception-style random resized crop (scale 0.08-1, ratio 3/4-4/3), no flip (V1 disables it).
+* training: RandAugment "rand-m7-n4-mstd0.5-inc1" on the raw frames (the same ops on every frame), an
+  Inception-style random resized crop (scale 0.08-1, ratio 3/4-4/3), no flip (V1 disables it), then random erasing
+  (one box on every frame); see `augment.py`. Images in training take timm's ImageNet transform instead
+  (`augment.image_train_clip`, spec 6.5).
 Bilinear without antialiasing, as the reference's OpenCV resize; normalised with ImageNet's mean and std.
 """
 
@@ -14,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_frames, finish_clip, random_resized_crop_box
+
+from .augment import rand_augment_clip, random_erase
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1) * 255.0
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1) * 255.0
@@ -47,8 +52,13 @@ def eval_views(frames: np.ndarray | torch.Tensor, crop: int, num_views: int) -> 
 
 
 def train_view(frames: np.ndarray | torch.Tensor, crop: int, scale: tuple[float, float], ratio: tuple[float, float],
-               rng: np.random.Generator) -> torch.Tensor:
-    """One random resized crop of the clip, the same box on every frame, no flip: (1, 3, T, crop, crop)."""
+               rng: np.random.Generator, *, rand_augment: bool = False, reprob: float = 0.0) -> torch.Tensor:
+    """V1's training view of a clip (spec 6.3): RandAugment on the raw frames (`rand_augment`), one random resized
+    crop (the same box on every frame, no flip), normalise, random erasing with probability `reprob` (the same box
+    on every frame, 100 attempts): (1, 3, T, crop, crop). Draws in that order from `rng`."""
     frames = check_frames(frames)
+    if rand_augment:
+        frames = rand_augment_clip(frames, rng)
     top, left, h, w = random_resized_crop_box(frames.shape[1], frames.shape[2], scale, ratio, rng)
-    return finish_clip(frames[:, top:top + h, left:left + w], crop, flip=False)[None]
+    clip = finish_clip(frames[:, top:top + h, left:left + w], crop, flip=False)
+    return random_erase(clip, rng, reprob, attempts=100)[None]

@@ -1,0 +1,66 @@
+"""Evaluation on several ranks: the work split (every training entry in its global batch, every validation entry
+once), and 2 gloo ranks of batch b training the probe that one rank of batch 2b trains, with and without the cache."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from engine.evaluation.distributed import Ranks
+
+from .conftest import ROOT
+
+
+@pytest.mark.parametrize("n,world,b", [(10, 2, 3), (12, 2, 3), (7, 3, 2), (5, 1, 2)])
+def test_training_slices_form_the_global_batches_of_one_rank(n, world, b):
+    order = list(range(100, 100 + n))
+    per_rank = [Ranks(r, world).train_slices(order, b) for r in range(world)]
+    steps = len(per_rank[0])
+    assert all(len(s) == steps for s in per_rank)  # every rank takes the same number of steps
+    padded = order + order[:(-n) % world]
+    one = Ranks(0, 1).train_slices(padded, b * world)  # one rank of W*b reads the padded order
+    for i in range(steps):
+        assert len({len(s[i]) for s in per_rank}) == 1  # equal slices: the mean of means is the global mean
+        assert sum((s[i] for s in per_rank), []) == one[i]
+    assert set(sum(one, [])) == set(order)
+
+
+@pytest.mark.parametrize("n,world", [(10, 3), (2, 4), (9, 1)])
+def test_validation_shares_read_every_entry_once(n, world):
+    shares = [Ranks(r, world).val_share(list(range(n))) for r in range(world)]
+    assert sorted(sum(shares, [])) == list(range(n))
+
+
+def _port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _eval(world, folder, tiny_run, synthetic_root, *extra):
+    args = [sys.executable, "engine/eval.py", "--config", "configs/eval/synthetic_motion.json", "--checkpoint",
+            str(tiny_run), "--data.synthetic_root=null", f"--data.train=[\"{synthetic_root}/motion_train.csv\"]",
+            f"--data.val=[\"{synthetic_root}/motion_val.csv\"]", "--data.num_workers=0", "--optimization.epochs=2",
+            f"--data.batch_size={8 // world}", f"--logging.folder={folder}", *extra]
+    port = _port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([*args, f"--local_rank={r}"], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    outputs = [p.communicate(timeout=300)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0] * world, "\n".join(o[-3000:] for o in outputs)
+    return json.loads((folder / "results.json").read_text()), outputs
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_two_ranks_of_b_train_the_probe_of_one_rank_of_2b(tiny_run, synthetic_root, tmp_path, cache):
+    one, _ = _eval(1, tmp_path / "one", tiny_run, synthetic_root, f"--meta.cache_features={cache}")
+    two, outputs = _eval(2, tmp_path / "two", tiny_run, synthetic_root, f"--meta.cache_features={cache}")
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for a, b in zip(one["history"][0], two["history"][0], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["train_top1"] == a["train_top1"] and b["val_top1"] == a["val_top1"]
+    assert "epoch 1/2" in outputs[0] and outputs[1].strip() == ""  # rank 0 alone prints
