@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup demo test bench-gate
 
 setup: $(VENV)/.installed
 
@@ -20,3 +20,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest tests -q
 	$(BIN)/python -m pytest benchmarks -q --benchmark-disable
+
+# the regression gate on a GPU session's committed results (benchmarks/README.md):
+#   make bench-gate RESULTS=benchmarks/results/<date>_<device> [THRESHOLD=0.10]
+THRESHOLD ?= 0.10
+bench-gate: setup
+	@test -n "$(RESULTS)" || { echo "usage: make bench-gate RESULTS=benchmarks/results/<date>_<device>"; exit 2; }
+	$(BIN)/python benchmarks/gate.py --current $(RESULTS)/bench_*.json --threshold $(THRESHOLD)

@@ -19,10 +19,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # benchmark name (benchmarks/test_bench_<name>.py) : time limit in seconds, in priority order. Attention comes first:
-# its results fill models/attention_table.json (auto's backends). The limits add up to more than one default budget:
-# whatever runs out of time goes into a second call with --only. With the loader, all steps would write 9 files, one
-# more than the device returns: a full session takes two calls anyway (e.g. --only bench_loader,aot as the second).
-BENCHMARKS=(attention:180 tubelet_embed:120 masked_l1_loss:60 ema:60 loader:120)
+# its results fill models/attention_table.json (auto's backends); then the whole training step (ViT-L/224 and
+# ViT-H/384 in both mask modes, the eval forward, the GEMM peak). The limits add up to more than one default budget:
+# whatever runs out of time goes into a second call with --only. All steps would write 10 files, two more than the
+# device returns: a full session takes two calls anyway (e.g. --only bench_loader,aot as the second).
+BENCHMARKS=(attention:180 train_step:240 tubelet_embed:180 masked_l1_loss:90 ema:120 loader:120)
 RESERVE=15  # seconds at the end of the budget kept for the summary
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }

@@ -1,18 +1,38 @@
 """One table from pytest-benchmark JSON files: each provider's rate, and the Triton op against its targets.
 
-Usage: python benchmarks/report.py bench_*.json. The targets are the kernels issue's: the embed at >= 60% of the
-bare GEMM's TFLOP/s, the loss >= 3x the reference and >= 70% of copy bandwidth, the EMA >= 80% of copy bandwidth.
-Attention (the backends issue's): the Triton kernel at least as fast as the best SDPA backend on the predictor's
-dense head dims 24 and 32, within 10% of it at head dim 80, and >= 1.3x the padded SDPA on the ragged context sets.
+Usage: python benchmarks/report.py [--markdown | --update-readme [--readme PATH]] bench_*.json
+  (no flag)        the text table below, with every provider of every benchmark (gpu_session.sh prints it)
+  --markdown       the README table: per device kind, each fused op against its reference (and torch.compile of the
+                   reference where a benchmark has that provider), the training step end to end, the frozen-eval
+                   forward, the loader
+  --update-readme  rewrite that device kind's part of the marker-delimited section of benchmarks/README.md (other
+                   devices' parts stay). Only committed raw JSON of a GPU session counts: the files must lie under
+                   benchmarks/results/, and interpreted results (CPU dry runs) are refused.
+
+The targets are the kernels issue's: the embed at >= 60% of the bare GEMM's TFLOP/s, the loss >= 3x the reference and
+>= 70% of copy bandwidth, the EMA >= 80% of copy bandwidth. Attention (the backends issue's): the Triton kernel at
+least as fast as the best SDPA backend on the predictor's dense head dims 24 and 32, within 10% of it at head dim 80,
+and >= 1.3x the padded SDPA on the ragged context sets.
 The loader (median: seconds per batch): clips/s and frames/s of every decoder, against what the step consumes.
+The training step and the eval forward (benchmarks/test_bench_train_step.py): clips/s, tokens/s, model TFLOP/s and MFU
+against the GEMM measured in the same run and the data-sheet peak.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import sys
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: the repository root on the path, for benchmarks.gate
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.gate import device_kind  # noqa: E402
 
 # op -> (baseline provider, rate compared, fraction to reach); and the ops with a speed-up target over "torch"
 TARGETS = {"tubelet_embed": ("cublas_mm", "tflops", 0.60), "masked_l1_loss": ("copy", "gbps", 0.70),
@@ -27,20 +47,27 @@ def rows(paths: list[str]) -> list[dict[str, Any]]:
     out = []
     for path in paths:
         for b in json.load(open(path))["benchmarks"]:
-            out.append({**b["extra_info"], "median_s": b["stats"]["median"]})
+            out.append({**b["extra_info"], "median_s": b["stats"]["median"], "source": str(path)})
     return out
 
 
-def main(paths: list[str]) -> None:
+def _groups(rows_: list[dict[str, Any]]) -> dict[tuple, dict[str, dict[str, Any]]]:
     groups: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for r in rows(paths):
+    for r in rows_:
         groups[r["op"], r["case"], r["direction"]][r["provider"]] = r
+    return groups
+
+
+def _rate(r: dict[str, Any], key: str) -> str:
+    return f"{r[key]:8.1f}" if r.get(key) is not None else " " * 8
+
+
+def main(paths: list[str]) -> None:
     print(f"{'op':15s} {'case':36s} {'dir':8s} {'provider':15s} {'median us':>11s} {'GB/s':>8s} {'TFLOP/s':>8s}  vs")
-    for (op, case, direction), providers in groups.items():
+    for (op, case, direction), providers in _groups(rows(paths)).items():
         for name, r in providers.items():
-            tflops = f"{r['tflops']:8.1f}" if r.get("tflops") is not None else " " * 8
-            print(f"{op:15s} {case:36s} {direction:8s} {name:15s} {r['median_s'] * 1e6:11.1f} {r['gbps']:8.1f} "
-                  f"{tflops}  {_verdict(op, name, r, providers)}")
+            print(f"{op:15s} {case:36s} {direction:8s} {name:15s} {r['median_s'] * 1e6:11.1f} {_rate(r, 'gbps')} "
+                  f"{_rate(r, 'tflops' if 'tflops' in r else 'model_tflops')}  {_verdict(op, name, r, providers)}")
 
 
 def _attention_verdict(r: dict[str, Any], providers: dict[str, dict[str, Any]]) -> str:
@@ -67,9 +94,19 @@ def _loader_verdict(r: dict[str, Any]) -> str:
             f"{clips / need:.2f}x the step's {need:g} clips/s")
 
 
+def _step_verdict(r: dict[str, Any]) -> str:
+    if r.get("samples_per_s") is None:
+        return ""
+    sheet = f", {r['mfu_datasheet']:.0%} of the data sheet" if r.get("mfu_datasheet") is not None else ""
+    return (f"{r['samples_per_s']:.1f} clips/s, {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu_measured_peak']:.0%} of "
+            f"the measured GEMM's {r['gemm_tflops']:.3g} TFLOP/s{sheet}, peak {r['peak_memory_gb']:.1f} GB")
+
+
 def _verdict(op: str, name: str, r: dict[str, Any], providers: dict[str, dict[str, Any]]) -> str:
     if op == "loader":
         return _loader_verdict(r)
+    if op in ("train_step", "eval_forward"):
+        return _step_verdict(r)
     if name != "triton":
         return ""
     if op == "attention":
@@ -86,7 +123,182 @@ def _verdict(op: str, name: str, r: dict[str, Any], providers: dict[str, dict[st
     return "; ".join(notes)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# markdown: the README's table
+
+START, END = "<!-- benchmark-tables:start -->", "<!-- benchmark-tables:end -->"
+NO_RESULTS = ("No GPU results are committed yet, so no numbers are given here: a table appears only with the raw "
+              "JSON of a GPU session behind it (benchmarks/results/).")
+_DEVICE_SECTION = re.compile(r"<!-- device:(?P<kind>[a-z0-9-]+) -->\n.*?<!-- /device:(?P=kind) -->\n?", re.S)
+OURS = "triton"  # the fused ops' provider
+REFERENCE = "torch"  # their pure-PyTorch reference
+COMPILED = ("torch_compile", "compile")  # torch.compile(reference), where a benchmark has it
+
+
+def _us(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e6:.1f}"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _num(value: float | None, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _reference(op: str, providers: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
+    """The provider an op is compared with: the PyTorch reference, for attention the fastest SDPA backend (what the
+    reference implementation calls)."""
+    if REFERENCE in providers:
+        return REFERENCE, providers[REFERENCE]
+    sdpa = {n: p for n, p in providers.items() if n.startswith("sdpa") and n != "sdpa_padded"}
+    if sdpa:
+        best = min(sdpa, key=lambda n: sdpa[n]["median_s"])
+        return best, sdpa[best]
+    return ("reference", providers["reference"]) if "reference" in providers else None
+
+
+def _ops_table(groups: dict[tuple, dict[str, dict[str, Any]]]) -> list[str]:
+    lines = ["| op | case | direction | ours us | reference us | torch.compile us | vs reference | vs compile | "
+             "ours GB/s | ours TFLOP/s | reference provider | targets |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (op, case, direction), providers in groups.items():
+        if OURS not in providers:
+            continue
+        ours = providers[OURS]
+        ref = _reference(op, providers)
+        compiled = next((providers[n] for n in COMPILED if n in providers), None)
+        lines.append(
+            f"| {op} | {case} | {direction} | {_us(ours['median_s'])} | {_us(ref[1]['median_s'] if ref else None)} | "
+            f"{_us(compiled['median_s'] if compiled else None)} | "
+            f"{_x(ref[1]['median_s'] / ours['median_s'] if ref else None)} | "
+            f"{_x(compiled['median_s'] / ours['median_s'] if compiled else None)} | {_num(ours.get('gbps'))} | "
+            f"{_num(ours.get('tflops'))} | {ref[0] if ref else '-'} | {_verdict(op, OURS, ours, providers)} |")
+    return lines if len(lines) > 2 else []
+
+
+def _step_table(rows_: list[dict[str, Any]], unit: str = "step", context: bool = True) -> list[str]:
+    lines = [f"| case | provider | ms/{unit} | clips/s | tokens/s | model TFLOP/s | MFU (measured GEMM) | "
+             "MFU (data sheet) | peak GB |" + (" context tokens/clip |" if context else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if context else "")]
+    for r in rows_:
+        ctx = "/".join(f"{t:.0f}" for t in r.get("context_tokens_per_clip") or []) or "-"
+        lines.append(f"| {r['case']} | {r['provider']} | {r['median_s'] * 1e3:.1f} | {_num(r.get('samples_per_s'))} | "
+                     f"{_num(r.get('tokens_per_s'), ',.0f')} | {_num(r.get('model_tflops'))} | "
+                     f"{_pct(r.get('mfu_measured_peak'))} | {_pct(r.get('mfu_datasheet'))} | "
+                     f"{_num(r.get('peak_memory_gb'))} |" + (f" {ctx} |" if context else ""))
+    return lines
+
+
+def _loader_table(rows_: list[dict[str, Any]]) -> list[str]:
+    lines = ["| case | decoder | clips/s | frames/s | decoded frames/s | workers | the step needs clips/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows_:
+        lines.append(f"| {r['case']} | {r['provider']} | {_num(r.get('clips_per_s'))} | "
+                     f"{_num(r.get('frames_per_s'), '.0f')} | {_num(r.get('decoded_frames_per_s'), '.0f')} | "
+                     f"{r.get('workers', '-')} | {r.get('step_needs_clips_per_s', '-')} |")
+    return lines
+
+
+def _env(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "env.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def device_section(rows_: list[dict[str, Any]], kind: str) -> str:
+    """One device kind's tables, with the raw files they come from."""
+    devices = sorted({str(r.get("device")) for r in rows_})
+    sources = sorted({Path(r["source"]) for r in rows_})
+    folders = sorted({p.parent for p in sources})
+    shown = [str(p.relative_to(ROOT)) if p.resolve().is_relative_to(ROOT) else str(p) for p in folders]
+    env = _env(folders[0]) if len(folders) == 1 else {}
+    versions = next((r["versions"] for r in rows_ if r.get("versions")), {})
+    lines = [f"### {kind}", "",
+             f"{', '.join(devices)}. Raw JSON: {', '.join(f'`{s}/`' for s in shown)} "
+             f"({', '.join(sorted({p.name for p in sources}))})"
+             + (f"; commit {env['git_commit'][:12]}" if env.get("git_commit") else "")
+             + (f", {env['date']}" if env.get("date") else "")
+             + (f"; torch {versions.get('torch')}, triton {versions.get('triton')}, CUDA {versions.get('cuda')}"
+                if versions else "") + ".", ""]
+    groups = _groups(rows_)
+    ops = _ops_table(groups)
+    if ops:
+        lines += ["Fused ops against their reference (median of the benchmark's rounds; x = reference time / ours):",
+                  "", *ops, ""]
+    steps = [r for r in rows_ if r["op"] == "train_step"]
+    if steps:
+        lines += ["Training step end to end (engine.step.train_step, synthetic on-device batch; ours-truncated is "
+                  "like for like with the reference's batch-minimum truncation):", "", *_step_table(steps), ""]
+    evals = [r for r in rows_ if r["op"] == "eval_forward"]
+    if evals:
+        lines += ["Frozen-evaluation forward (target encoder, all tokens, no grad):", "",
+                  *_step_table(evals, "forward", context=False), ""]
+    gemm = [r for r in rows_ if r["op"] == "gemm" and r.get("tflops") is not None]
+    if gemm:
+        gemms = ", ".join(f"{r['case']} {r['dtype']} {r['tflops']:.3g} TFLOP/s" for r in gemm)
+        lines += [f"Bare GEMM of the same run (the measured peak of the MFU column): {gemms}.", ""]
+    loader = [r for r in rows_ if r["op"] == "loader"]
+    if loader:
+        lines += ["Data loader (frames/s the step receives; decoded counts the frames decoded to reach them):", "",
+                  *_loader_table(loader), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def markdown(rows_: list[dict[str, Any]]) -> str:
+    """Every device kind's section, in name order."""
+    kinds: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows_:
+        kinds[device_kind(str(r.get("device", "")))].append(r)
+    return "\n".join(device_section(kinds[k], k) for k in sorted(kinds))
+
+
+def update_readme(readme: Path, paths: list[str], results_root: Path = ROOT / "benchmarks" / "results") -> str:
+    """Rewrite the results' device kind's part of README's marker section; returns the kind."""
+    rows_ = rows(paths)
+    if not rows_:
+        raise SystemExit("no benchmarks in " + " ".join(paths))
+    interpreted = sorted({r["source"] for r in rows_ if r.get("interpreted")})
+    if interpreted:
+        raise SystemExit(f"interpreted results (a CPU dry run measures the Triton interpreter) do not go into the "
+                         f"README: {', '.join(interpreted)}")
+    outside = [p for p in paths if not Path(p).resolve().is_relative_to(Path(results_root).resolve())]
+    if outside:
+        raise SystemExit("only committed raw JSON counts: copy the session's files to "
+                         f"benchmarks/results/<date>_<device>/ and report from there, not from {', '.join(outside)}")
+    kinds = {device_kind(str(r.get("device", ""))) for r in rows_}
+    if len(kinds) != 1:
+        raise SystemExit(f"one device kind at a time, got {sorted(kinds)}")
+    kind = kinds.pop()
+    text = readme.read_text()
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise SystemExit(f"{readme}: expected one {START} ... {END} section")
+    head, rest = text.split(START, 1)
+    body, tail = rest.split(END, 1)
+    sections = {m["kind"]: m[0].rstrip("\n") + "\n" for m in _DEVICE_SECTION.finditer(body)}
+    sections[kind] = f"<!-- device:{kind} -->\n{device_section(rows_, kind)}\n<!-- /device:{kind} -->\n"
+    inner = "\n".join(sections[k] for k in sorted(sections))
+    readme.write_text(f"{head}{START}\n{inner}{END}{tail}")
+    return kind
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", metavar="JSON", help="pytest-benchmark JSON files")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--markdown", action="store_true", help="print the README's tables")
+    mode.add_argument("--update-readme", action="store_true", help="rewrite this device's tables in the README")
+    parser.add_argument("--readme", type=Path, default=ROOT / "benchmarks" / "README.md")
+    args = parser.parse_args()
+    if args.markdown:
+        print(markdown(rows(args.paths)), end="")
+    elif args.update_readme:
+        print(f"{args.readme}: updated the {update_readme(args.readme, args.paths)} tables")
+    else:
+        main(args.paths)

@@ -1,20 +1,31 @@
 """ema_ over the encoder's real parameter list: Triton vs the reference vs foreach lerp vs copy bandwidth.
 
 Providers: "triton" (one multi-tensor launch), "torch" (the reference: `_foreach_mul_` then `_foreach_add_`, which
-reads and writes the target twice), "foreach_lerp" (`torch._foreach_lerp_`, PyTorch's one-pass alternative) and
-"copy" (a device-to-device copy moving the same bytes; target: the fused op at >= 80% of its GB/s).
+reads and writes the target twice), "torch_compile" (`torch.compile` of the reference: inductor, dynamic=False, which
+may fuse the two passes; without CUDA only the smallest case), "foreach_lerp" (`torch._foreach_lerp_`, PyTorch's
+one-pass alternative) and "copy" (a device-to-device copy moving the same bytes; target: the fused op at >= 80% of its
+GB/s).
 """
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+from benchmarks.conftest import COMPILED, compile_reference
 from benchmarks.shapes import DEVICE, PARAM_DTYPE, Case, model_cases
 from kernels import ema_
+from kernels.ema import ema_ref_
 
-PROVIDERS = ("triton", "torch", "foreach_lerp", "copy")
+PROVIDERS = ("triton", "torch", COMPILED, "foreach_lerp", "copy")
 MOMENTUM = 0.998  # the recipes' starting EMA momentum; the speed does not depend on it
+
+
+@functools.cache
+def _smallest_case() -> str:
+    return min(model_cases(), key=lambda c: sum(s.numel() for s in c.param_shapes())).name
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -33,6 +44,11 @@ def test_ema(bench, copy_baseline, case: Case, provider: str) -> None:
         if provider == "foreach_lerp":
             def fn():  # t + (1 - m) * (o - t) = m * t + (1 - m) * o
                 torch._foreach_lerp_(target, online, 1.0 - MOMENTUM)
+        elif provider == COMPILED:
+            ema_compiled = compile_reference(ema_ref_, cpu_case=case.name == _smallest_case())
+
+            def fn():
+                ema_compiled(target, online, MOMENTUM)
         else:
             def fn():
                 ema_(target, online, MOMENTUM, impl=provider)

@@ -1,21 +1,33 @@
 """masked_tubelet_embed on the context tokens of a step: Triton vs the reference vs a bare cuBLAS GEMM.
 
 Providers: "triton" (the fused op), "torch" (the reference: gather the kept tubelets into a (T, K) matrix, then
-F.linear and the position rows) and "cublas_mm" (torch.mm of an already gathered (T, K) matrix with the (K, D)
-weight: the ceiling of the GEMM alone; target: the fused op at >= 60% of its TFLOP/s). Forward, and forward plus
-the backward that training runs (weight and bias gradients; the clip and the frozen position table need none).
+F.linear and the position rows), "torch_compile" (`torch.compile` of that reference: inductor, dynamic=False; the
+backward is the one AOTAutograd compiles; without CUDA only the smallest case's fwd+bwd) and "cublas_mm" (torch.mm of
+an already gathered (T, K) matrix with the (K, D) weight: the ceiling of the GEMM alone; target: the fused op at >= 60%
+of its TFLOP/s). Forward, and forward plus the backward that training runs (weight and bias gradients; the clip and
+the frozen position table need none).
 """
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+from benchmarks.conftest import COMPILED, compile_reference
 from benchmarks.shapes import ACT_DTYPE, DEVICE, Case, token_cases
 from kernels import masked_tubelet_embed
+from kernels.tubelet_embed import masked_tubelet_embed_ref
 
-PROVIDERS = ("triton", "torch", "cublas_mm")
+PROVIDERS = ("triton", "torch", COMPILED, "cublas_mm")
 DIRECTIONS = ("fwd", "fwd+bwd")
+CPU_COMPILED_DIRECTION = "fwd+bwd"  # the one compiled case without CUDA: it compiles the forward and the backward
+
+
+@functools.cache
+def _smallest_case() -> str:
+    return min(token_cases(), key=lambda c: c.masks().context_index.numel()).name
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -43,15 +55,20 @@ def test_tubelet_embed(bench, case: Case, direction: str, provider: str) -> None
             def fn():
                 return torch.mm(patches, weight_t)
     else:
+        if provider == COMPILED:
+            embed = compile_reference(masked_tubelet_embed_ref, cpu_case=case.name == _smallest_case()
+                                      and direction == CPU_COMPILED_DIRECTION)
+        else:
+            embed = functools.partial(masked_tubelet_embed, impl=provider)
         video, pos_embed = randn(b, c, f, h, w), randn(n, d, scale=0.02)
         weight, bias = randn(d, c, kt, kp, kp, scale=k ** -0.5, grad=backward), randn(d, scale=0.02, grad=backward)
         if backward:
             def fn():
-                out = masked_tubelet_embed(video, weight, bias, pos_embed, token_index, impl=provider)
+                out = embed(video, weight, bias, pos_embed, token_index)
                 return torch.autograd.grad(out, (weight, bias), grad_out)
         else:
             def fn():
-                return masked_tubelet_embed(video, weight, bias, pos_embed, token_index, impl=provider)
+                return embed(video, weight, bias, pos_embed, token_index)
 
     # Minimum traffic. Forward: the kept tubelets' pixels (T*K), weight (K*D), bias, the kept position rows (T*D),
     # the index (8 B per token), the output (T*D). Backward: dY (T*D), the pixels again (the fused op re-gathers

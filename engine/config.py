@@ -146,6 +146,7 @@ class MetaConfig:
     backend: str = "auto"  # (ours) torch | deepspeed | auto (deepspeed when started by its launcher)
     max_nonfinite_steps: int = 10  # (ours) non-finite losses in a row (each step skipped) before the run stops
     preempt_grace_s: float = 30.0  # (ours) seconds from SIGTERM to SIGKILL (deepspeed launcher, SLURM KillWait: 30)
+    profile_steps: int = 0  # (ours) > 0: torch.profiler trace of N steps after warm-up in logging.folder/trace.json
 
 
 @dataclass
@@ -371,6 +372,7 @@ def validate(cfg: Config) -> None:
         (cfg.meta.max_steps is None or cfg.meta.max_steps >= 0, "meta.max_steps must be >= 0 or null"),
         (cfg.meta.backend in ("auto", "torch", "deepspeed"), "meta.backend must be auto, torch or deepspeed"),
         (cfg.meta.max_nonfinite_steps >= 1, "meta.max_nonfinite_steps must be >= 1"),
+        (cfg.meta.profile_steps >= 0, "meta.profile_steps must be >= 0 (0: no profiling)"),
         (not cfg.meta.load_checkpoint or bool(cfg.meta.read_checkpoint),
          "meta.load_checkpoint=true needs meta.read_checkpoint (the file to start from)"),
         (type(cfg.accumulation_steps) is int and cfg.accumulation_steps >= 1,

@@ -31,6 +31,7 @@ from .faults import StepGuard
 from .flops import TransformerDims, step_flops
 from .metrics import MetricsCSV, collapse_diagnostics
 from .packed_masks import MaskMaker, StepMasks
+from .profiling import StepProfiler, phase
 from .schedules import Schedules
 from .throughput import ThroughputWindow, step_tokens
 from .step import Models, train_step
@@ -55,7 +56,7 @@ def init_distributed(use_deepspeed: bool, device: torch.device) -> tuple[int, in
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
-def _dims(cfg: Config) -> tuple[TransformerDims, TransformerDims, int]:
+def flop_dims(cfg: Config) -> tuple[TransformerDims, TransformerDims, int]:
     v, m, d = encoder_variant(cfg), cfg.model, cfg.data
     pred = TransformerDims(m.pred_embed_dim, m.pred_depth, int(m.pred_embed_dim * 4))
     return TransformerDims(v.dim, v.depth, v.mlp_hidden), pred, 3 * d.tubelet_size * d.patch_size ** 2
@@ -70,7 +71,7 @@ def _mfu(row: dict[str, Any]) -> str:
     return "" if math.isnan(row["mfu"]) else f" (MFU {row['mfu']:.0%}, peak {row['peak_mem_gb']:.1f} GB)"
 
 
-def _attention_line(cfg: Config, device: torch.device) -> str:
+def attention_line(cfg: Config, device: torch.device) -> str:
     """The attention backend each of this model's cases runs (auto decides per case, head dim and dtype)."""
     v, m = encoder_variant(cfg), cfg.model
     dtype = getattr(torch, cfg.meta.dtype) if device.type == "cuda" else torch.float32  # the autocast dtype
@@ -79,7 +80,18 @@ def _attention_line(cfg: Config, device: torch.device) -> str:
     return attention.describe(device, dtype, head_dims)
 
 
-def _token_counts(masks: list[StepMasks], b: int, num_gen: int) -> dict[str, float]:
+def micro_batch_cost(cfg: Config, masks: StepMasks,
+                     dims: tuple[TransformerDims, TransformerDims, int] | None = None) -> tuple[int, int]:
+    """(model FLOPs, tokens run) of one micro-batch with these masks: engine/flops.py's count from the real sequence
+    lengths, and the tokens the three networks ran (engine/throughput.py `step_tokens`)."""
+    enc_dims, pred_dims, patch_features = dims or flop_dims(cfg)
+    b, n = cfg.data.batch_size, cfg.num_tokens
+    ctx_lens, tgt_lens = masks.context_packing.seqlens, masks.target_packing.seqlens
+    return (step_flops(n, b, ctx_lens, tgt_lens, enc_dims, pred_dims, patch_features).total,
+            step_tokens(b, n, ctx_lens, tgt_lens))
+
+
+def token_counts(masks: list[StepMasks], b: int, num_gen: int) -> dict[str, float]:
     """Mean kept context and target tokens per clip of each generator, over a step's micro-batches."""
     clips = b * len(masks)
     row = {}
@@ -100,16 +112,26 @@ class MicroBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, StepMasks]]:
         for micro in range(self.count):
-            wait_start = time.perf_counter()
-            batch = next(self.batches, None)
-            if batch is None or (batch.step, batch.micro) != (self.step, micro):
-                got = "the end of the data" if batch is None else f"step {batch.step} micro-batch {batch.micro}"
-                raise RuntimeError(f"the loader gave {got} where step {self.step} micro-batch {micro} was due")
-            video = self.data.finish(batch)
-            self.data_wait += time.perf_counter() - wait_start
-            self.data.account(batch)
-            self.masks.append(batch.masks)
-            yield video, batch.masks.to(self.device, non_blocking=True)
+            with phase("data"):
+                wait_start = time.perf_counter()
+                batch = next(self.batches, None)
+                if batch is None or (batch.step, batch.micro) != (self.step, micro):
+                    got = "the end of the data" if batch is None else f"step {batch.step} micro-batch {batch.micro}"
+                    raise RuntimeError(f"the loader gave {got} where step {self.step} micro-batch {micro} was due")
+                video = self.data.finish(batch)
+                self.data_wait += time.perf_counter() - wait_start
+                self.data.account(batch)
+            with phase("masks"):  # built by the loader (in its workers; inside "data" with num_workers=0): the copy
+                self.masks.append(batch.masks)
+                masks = batch.masks.to(self.device, non_blocking=True)
+            yield video, masks
+
+
+def build_models(cfg: Config, device: torch.device) -> Models:
+    """Context encoder and predictor from the config, on `device`; the target encoder starts as an exact copy of the
+    context encoder. (Seeding is the caller's.)"""
+    encoder, predictor = build_encoder(cfg).to(device), build_predictor(cfg).to(device)
+    return Models(encoder, predictor, copy.deepcopy(encoder).requires_grad_(False))
 
 
 def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
@@ -135,9 +157,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.meta.seed)  # the global RNGs too, so that checkpoints of any two runs compare bit for bit
     np.random.seed(cfg.meta.seed)
     random.seed(cfg.meta.seed)
-    encoder, predictor = build_encoder(cfg).to(device), build_predictor(cfg).to(device)
-    target_encoder = copy.deepcopy(encoder).requires_grad_(False)
-    models = Models(encoder, predictor, target_encoder)
+    models = build_models(cfg, device)
+    encoder, predictor, target_encoder = models.encoder, models.predictor, models.target_encoder
 
     # resume: the run folder's latest checkpoint, else an explicit starting file (its weights go in before the
     # backend exists: ZeRO-3 partitions them)
@@ -183,7 +204,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     data = build_training_data(cfg, index, rank=rank, world=world, device=device, folder=folder, start_step=start_step,
                                num_steps=stop - start_step, make_masks=make_masks)
     schedules = Schedules.from_config(opt)
-    enc_dims, pred_dims, patch_features = _dims(cfg)
+    dims = flop_dims(cfg)
     metrics = MetricsCSV(folder / "metrics.csv") if main else None
     if metrics is not None and start_step:
         metrics.drop_after(start_step)  # rows a killed run logged past its last checkpoint are logged again
@@ -191,7 +212,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     micro = f" x {accumulation} micro-batches" if accumulation > 1 else ""
     say(f"training {stop - start_step} steps ({start_step} -> {stop}) on {device}, world size {world}, "
         f"batch {b}/rank{micro}, {cfg.num_tokens} tokens/clip, backend {'deepspeed' if use_ds else 'torch'}, "
-        f"kernels {kernels.dispatch.resolve(None, device)}, attention {_attention_line(cfg, device)}, "
+        f"kernels {kernels.dispatch.resolve(None, device)}, attention {attention_line(cfg, device)}, "
         f"{data.describe()}; logs: {folder}")
 
     window_losses: list[torch.Tensor] = []
@@ -203,7 +224,11 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     last_save_s: float | None = None
     preempted = False
     batches = iter(data.loader)
-    for step in range(start_step, stop):
+    profiler = StepProfiler(cfg.meta.profile_steps, folder, available=stop - start_step, device=device, rank=rank,
+                            say=print)
+    if profiler.enabled:
+        print(f"rank {rank}: {profiler.describe()}" if world > 1 else profiler.describe(), flush=True)
+    for step in profiler.steps(range(start_step, stop)):  # stops the profiler however the loop ends
         lr, wd, momentum = schedules.at(step)
         clip = opt.clip_grad if step // opt.ipe > opt.warmup else None  # the reference clips after warmup epochs
         log_now = step == start_step or (step + 1) % cfg.logging.log_every == 0 or step == stop - 1
@@ -212,56 +237,58 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                          loss_exp=cfg.loss.loss_exp, dtype=cfg.meta.dtype, keep_features=log_now,
                          proceed=lambda loss: guard.check(loss, step))
         window_losses.extend(out.finite_losses)
-        flops = ran_tokens = 0
-        for masks in feed.masks:
-            ctx_lens, tgt_lens = masks.context_packing.seqlens, masks.target_packing.seqlens
-            flops += step_flops(cfg.num_tokens, b, ctx_lens, tgt_lens, enc_dims, pred_dims, patch_features).total
-            ran_tokens += step_tokens(b, cfg.num_tokens, ctx_lens, tgt_lens)
-        window.add(flops, ran_tokens, feed.data_wait)
+        with phase("logging"):  # throughput accounting; on logging steps the host sync, metrics row and line
+            flops = ran_tokens = 0
+            for masks in feed.masks:
+                micro_flops, micro_tokens = micro_batch_cost(cfg, masks, dims)
+                flops, ran_tokens = flops + micro_flops, ran_tokens + micro_tokens
+            window.add(flops, ran_tokens, feed.data_wait)
 
-        if log_now:
-            losses = []  # skipped micro-batches do not count (all ranks skip together: windows of equal lengths)
-            if window_losses:
-                stacked = torch.stack(window_losses)
-                if use_ds and world > 1:  # the logged loss is the mean over ranks of their batch losses
-                    torch.distributed.all_reduce(stacked)
-                    stacked /= world
-                losses = stacked.tolist()
-            row: dict[str, Any] = {
-                "step": step + 1, "epoch": step // opt.ipe, "loss": sum(losses) / len(losses) if losses else math.nan,
-                "lr": lr, "wd": wd, "momentum": momentum, "skipped_steps": guard.skipped,
-                **_token_counts(feed.masks, b, num_gen),
-                **window.row(),
-                "enc_grad_norm": float(out.grad_norms[0]) if out.grad_norms else 0.0,
-                "pred_grad_norm": float(out.grad_norms[1]) if out.grad_norms else 0.0,
-                **collapse_diagnostics(out.target_features, out.predictions),
-                "elapsed_s": time.perf_counter() - run_start,
-            }
-            if losses:  # a window of skipped micro-batches only has no loss
-                guard.record(step, row["loss"])
-                first_loss = row["loss"] if first_loss is None else first_loss
-                last_loss = logged[step + 1] = row["loss"]
-            if metrics is not None:
-                metrics.write(row)
-            done = step + 1 - start_step
-            eta = (time.perf_counter() - run_start) / done * (stop - step - 1)
-            tokens = "/".join(f"{row[f'context_tokens_{g}']:.0f}" for g in range(num_gen))
-            say(f"step {step + 1}/{stop} | loss {row['loss']:.4f} | lr {lr:.2e} wd {wd:.3f} m {momentum:.5f} | "
-                f"ctx tokens/clip {tokens} of {cfg.num_tokens} | {row['samples_per_s']:.1f} clips/s "
-                f"{row['model_tflops_per_s'] * 1e3:.1f} GFLOP/s{_mfu(row)} | data wait {row['data_wait_frac']:.0%} | "
-                f"target std {row['target_std_tokens']:.3f} "
-                f"rank {row['target_rank']:.1f} | eta {_format_eta(eta)}", flush=True)
-            window_losses = []
+            if log_now:
+                losses = []  # skipped micro-batches do not count (all ranks skip together: windows of equal lengths)
+                if window_losses:
+                    stacked = torch.stack(window_losses)
+                    if use_ds and world > 1:  # the logged loss is the mean over ranks of their batch losses
+                        torch.distributed.all_reduce(stacked)
+                        stacked /= world
+                    losses = stacked.tolist()
+                row: dict[str, Any] = {
+                    "step": step + 1, "epoch": step // opt.ipe,
+                    "loss": sum(losses) / len(losses) if losses else math.nan,
+                    "lr": lr, "wd": wd, "momentum": momentum, "skipped_steps": guard.skipped,
+                    **token_counts(feed.masks, b, num_gen),
+                    **window.row(),
+                    "enc_grad_norm": float(out.grad_norms[0]) if out.grad_norms else 0.0,
+                    "pred_grad_norm": float(out.grad_norms[1]) if out.grad_norms else 0.0,
+                    **collapse_diagnostics(out.target_features, out.predictions),
+                    "elapsed_s": time.perf_counter() - run_start,
+                }
+                if losses:  # a window of skipped micro-batches only has no loss
+                    guard.record(step, row["loss"])
+                    first_loss = row["loss"] if first_loss is None else first_loss
+                    last_loss = logged[step + 1] = row["loss"]
+                if metrics is not None:
+                    metrics.write(row)
+                done = step + 1 - start_step
+                eta = (time.perf_counter() - run_start) / done * (stop - step - 1)
+                tokens = "/".join(f"{row[f'context_tokens_{g}']:.0f}" for g in range(num_gen))
+                say(f"step {step + 1}/{stop} | loss {row['loss']:.4f} | lr {lr:.2e} wd {wd:.3f} m {momentum:.5f} | "
+                    f"ctx tokens/clip {tokens} of {cfg.num_tokens} | {row['samples_per_s']:.1f} clips/s "
+                    f"{row['model_tflops_per_s'] * 1e3:.1f} GFLOP/s{_mfu(row)} | "
+                    f"data wait {row['data_wait_frac']:.0%} | target std {row['target_std_tokens']:.3f} "
+                    f"rank {row['target_rank']:.1f} | eta {_format_eta(eta)}", flush=True)
+                window_losses = []
 
         saved = (step + 1) % cfg.logging.checkpoint_every == 0 or step == stop - 1
         if guard.stop:  # preempted: all ranks agreed at this step's check
             saved = saved or guard.agree_to_save(cfg.meta.preempt_grace_s, last_save_s)
             preempted = step < stop - 1
         if saved:
-            save_start = time.perf_counter()
-            data.save_probes()
-            _save(cfg, folder, ds_folder, backend, models, step + 1, world, lr, last_loss, use_ds, main)
-            last_save_s = time.perf_counter() - save_start
+            with phase("checkpoint"):
+                save_start = time.perf_counter()
+                data.save_probes()
+                _save(cfg, folder, ds_folder, backend, models, step + 1, world, lr, last_loss, use_ds, main)
+                last_save_s = time.perf_counter() - save_start
         if preempted:
             where = f"saved step {step + 1}" if saved else "no time to save: the last periodic checkpoint stands"
             say(f"stopping after SIGTERM at step {step + 1} ({where}); rerun the same command to continue",

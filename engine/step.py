@@ -4,6 +4,8 @@ Differences from the reference that change no number: the context encoder and th
 the packed sets of every mask generator (the reference loops over generators), the target layer norm is applied to
 the gathered target rows only (it is per row, and fused into the loss kernel), and nothing in the step reads a value back to the host: the loop
 syncs only on logging steps.
+
+Each phase is a named range for the profiler (engine/profiling.py `phase`: a no-op unless a profiler records).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from models import Predictor, VisionTransformer
 
 from .backends import Backend
 from .packed_masks import StepMasks
+from .profiling import phase
 
 
 @dataclass
@@ -56,18 +59,19 @@ def forward_loss(models: Models, video: torch.Tensor, masks: StepMasks, *, loss_
     autocast = autocast_context(video.device, dtype)
 
     # target (no grad): all N tokens of every clip; its layer norm happens inside the loss, on the target rows only
-    with torch.no_grad(), autocast:
+    with phase("target_forward"), torch.no_grad(), autocast:
         h = models.target_encoder.forward_dense(video)  # (B, N, D)
 
     # context + predictor: every generator's packed context set in one encoder call and one predictor call
-    with autocast:
+    with phase("context_predictor_forward"), autocast:
         z = models.encoder(video, masks.context_index, masks.context_packing)
         pred = models.predictor(z, masks.context_index, masks.target_index, masks.predictor)
 
     # loss (fp32): mean |pred - LN(h)[targets]|^p / p per generator, then the average over generators (the
     # reference's weighting: every generator counts equally whatever its number of target tokens)
-    loss = masked_l1_loss(pred, h.flatten(0, 1), masks.target_index, loss_exp=loss_exp,
-                          segments=masks.targets_per_generator)
+    with phase("loss"):
+        loss = masked_l1_loss(pred, h.flatten(0, 1), masks.target_index, loss_exp=loss_exp,
+                              segments=masks.targets_per_generator)
     return loss, h, pred
 
 
@@ -95,17 +99,20 @@ def train_step(models: Models, backend: Backend, micro_batches: Iterable[tuple[t
         losses.append(loss.detach())
         ran.append(proceed is None or proceed(loss))
         if ran[-1]:
-            backend.backward(loss, boundary=micro == count - 1)
+            with phase("backward"):
+                backend.backward(loss, boundary=micro == count - 1)
         del loss  # a skipped micro-batch's graph is freed before the next one's forward
     if len(ran) != count:
         raise ValueError(f"a step takes {count} micro-batches (deepspeed.gradient_accumulation_steps), got {len(ran)}")
 
     # clip + optimizer step, at the boundary
     finite = [loss for loss, ok in zip(losses, ran) if ok]
-    grad_norms = backend.clip_and_step(clip_grad, boundary_backward=ran[-1]) if finite else None
+    with phase("clip_optimizer"):
+        grad_norms = backend.clip_and_step(clip_grad, boundary_backward=ran[-1]) if finite else None
 
     # EMA
-    backend.ema_update(models.target_encoder, models.encoder, momentum)
+    with phase("ema"):
+        backend.ema_update(models.target_encoder, models.encoder, momentum)
 
     mean = torch.stack(finite).mean() if finite else losses[-1]
     return StepOutput(mean, finite, *features, grad_norms, len(ran) - len(finite))

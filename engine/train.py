@@ -20,12 +20,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("--dry-run", action="store_true", help="print parameters, FLOPs per clip, a per-GPU memory "
                         "estimate and the global-batch check, then exit (no data, no GPU, no process group)")
+    parser.add_argument("--profile", type=int, metavar="N", default=None, help="profile N training steps after "
+                        "warm-up with torch.profiler: a Chrome trace with a named range per phase of the step, written "
+                        "to the run folder as trace.json (same as --meta.profile_steps=N)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     return parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
+    if args.profile is not None:
+        overrides = [*overrides, f"--meta.profile_steps={args.profile}"]
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:

@@ -32,7 +32,7 @@ def test_dry_run_writes_env_report_and_benchmark_json(tmp_path):
 
     bench = json.loads((tmp_path / "bench_masked_l1_loss.json").read_text())["benchmarks"]
     infos = [b["extra_info"] for b in bench]
-    assert {i["provider"] for i in infos} == {"triton", "torch", "copy"}
+    assert {i["provider"] for i in infos} == {"triton", "torch", "torch_compile", "copy"}
     assert {i["case"] for i in infos} == {"tiny-packed", "tiny-trunc"}
     for info in infos:
         assert info["op"] == "masked_l1_loss" and info["interpreted"] is True and info["dtype"] == "float32"
@@ -46,3 +46,10 @@ def test_dry_run_writes_env_report_and_benchmark_json(tmp_path):
 def test_unknown_step_is_refused(tmp_path):
     proc = _session(tmp_path, "--only", "bench_nothing")
     assert proc.returncode == 2 and "unknown step 'bench_nothing'" in proc.stderr
+
+
+def test_train_step_benchmark_is_a_step(tmp_path):
+    # no time left for it: the step is known (no exit 2) and recorded as not run, without running the benchmark
+    proc = _session(tmp_path, "--dry-run", "--only", "bench_train_step", "--budget", "0")
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "bench_train_step: no-time" in (tmp_path / "session.log").read_text()

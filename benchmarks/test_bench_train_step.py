@@ -1,0 +1,299 @@
+"""The whole training step end to end, the frozen encoder's inference, and the bare GEMM peak they are measured against.
+
+What one measured step is: `engine.step.train_step` exactly as `engine.loop.train` calls it, on models and a backend
+built as the loop builds them (`engine.loop.build_models`, `TorchBackend`: AdamW, fused on CUDA), with one micro-batch
+of a synthetic clip batch already on the device (normalised-video statistics, the dtype `ClipFinisher` hands over:
+bf16 on CUDA, fp32 on the CPU) and the masks of the config's own `MaskMaker` (mask step 0, as benchmarks/shapes.py:
+the same token sets, hence the same FLOPs, in every run), copied to the device once. So it measures the step: target
+forward, context encoder + predictor, loss, backward, clipping + optimizer, EMA, no loader. The schedule values are
+the first step's after warm-up (clipping on, as in most of a run). One step per round, synchronised at its end.
+
+Cases, with CUDA (bf16 autocast, the configs' batch sizes): ViT-L/16 at 224 px (configs/vitl16.json, batch 24) and
+ViT-H/16 at 384 px (configs/vith16_384.json, batch 10), each with packed masks (provider "ours-packed", the default)
+and with the reference's batch-minimum truncation ("ours-truncated": `mask.truncate_to_batch_min=true`, the like-for-
+like comparison with the reference). A case that runs out of GPU memory is skipped with the allocator's figures in the
+reason (pytest -rs, gpu_session.sh's log), and the next case starts on a freed GPU. Without CUDA: the tiny config
+(configs/tiny_synthetic.json) at batch 2, fp32, PyTorch kernels: it proves that the file runs, not how fast anything is.
+
+extra_info (besides op, provider, case, direction, shape, dtype, device, interpreted, as the `bench` fixture writes):
+  * samples_per_s = B / median; tokens_per_s = tokens the three networks ran per step (target B*N, context kept
+    tokens, predictor context + targets: engine/throughput.py `step_tokens`) / median; context_tokens_per_clip and
+    target_tokens_per_clip per mask generator;
+  * flops (engine/flops.py `step_flops`, the loop's own count: matmuls, backward = 2x forward) and
+    model_tflops = flops / median;
+  * gemm_tflops: a bare square GEMM measured in the same process (bf16 8192^3 on CUDA, fp32 512^3 on the CPU; the
+    best of 5 timed batches), and mfu_measured_peak = model_tflops / gemm_tflops; mfu_datasheet = model_tflops / the
+    GPU's dense bf16 data-sheet peak (engine/throughput.py `peak_tflops`: 989 TFLOP/s for H100/H200; None on a CPU);
+  * peak_memory_gb: the CUDA allocator's high-water mark over the case (weights, AdamW state, EMA target,
+    activations), on a CPU the process's peak RSS (monotone over the session: meaningless per case);
+  * kernels (triton | torch), attention (the backends auto picked), versions (conftest's `versions`: python, torch,
+    CUDA, triton, deepspeed, git commit).
+The GEMM itself is a result too (op "gemm"), and so is the frozen-evaluation forward (op "eval_forward", provider
+"ours-dense"): the target encoder over all N tokens of 32 clips (engine/evaluation's default clips_per_forward; 4 on
+the CPU), no grad, bf16 autocast, with clips_per_s, tokens_per_s, model_tflops (engine/flops.py `encoder_flops`), the
+same MFU figures and peak memory (the encoder's weights and one forward's activations).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import kernels
+from benchmarks.conftest import versions as _versions
+from benchmarks.shapes import ACT_DTYPE, CUDA, DEVICE, MASK_STEP, ROOT
+from engine.backends import TorchBackend
+from engine.build import build_encoder
+from engine.config import Config, load_config
+from engine.flops import encoder_flops
+from engine.loop import attention_line, build_models, flop_dims, micro_batch_cost, token_counts
+from engine.packed_masks import MaskMaker
+from engine.schedules import Schedules
+from engine.step import Models, autocast_context, train_step
+from engine.throughput import peak_memory_gb, peak_tflops
+from models import attention
+
+# model case -> (config, overrides)
+MODELS = {"vitl16_224": ("vitl16.json", ()), "vith16_384": ("vith16_384.json", ())} if CUDA else \
+    {"tiny": ("tiny_synthetic.json", ("--data.batch_size=2",))}
+MODES = {"packed": (), "truncated": ("--mask.truncate_to_batch_min=true",)}
+WARMUP_STEPS = 3 if CUDA else 1  # Triton autotuning and compilation, cuBLAS handles, the allocator's first blocks
+ROUNDS = 10 if CUDA else 3
+EVAL_CLIPS = 32 if CUDA else 4  # engine/evaluation/config.py clips_per_forward (its default)
+GEMM_N, GEMM_DTYPE = (8192, torch.bfloat16) if CUDA else (512, torch.float32)
+DEVICE_NAME = torch.cuda.get_device_name(DEVICE) if CUDA else (platform.processor() or platform.machine() or "cpu")
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # conftest's flag: set on every CPU run
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_peak_tflops() -> float:
+    """TFLOP/s of a bare GEMM in the step's matmul dtype: the best of 5 timed batches of back-to-back calls."""
+    a, b = (torch.randn(GEMM_N, GEMM_N, device=DEVICE, dtype=GEMM_DTYPE) for _ in range(2))
+    out = torch.empty_like(a)
+    calls = 20 if CUDA else 2
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    _sync()
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(a, b, out=out)
+        _sync()
+        best = max(best, 2 * GEMM_N ** 3 * calls / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def _config(model: str, mode: str = "packed") -> Config:
+    file, overrides = MODELS[model]
+    return load_config(ROOT / "configs" / file, [*overrides, *MODES[mode]])
+
+
+def _case_name(model: str) -> str:
+    return f"{model}-b{_config(model).data.batch_size}"
+
+
+@dataclass
+class _Built:
+    model: str
+    encoder: torch.nn.Module  # the (frozen) target encoder
+    models: Models | None = None  # the training modules; None once only the target encoder is kept
+    backend: TorchBackend | None = None
+
+
+class _Cache:
+    """One model's modules at a time: both mask modes share them (the masks change nothing in the models), then the
+    eval forward keeps only the target encoder. Dropping them returns the GPU memory before the next model."""
+
+    def __init__(self) -> None:
+        self.built: _Built | None = None
+
+    def drop(self) -> None:
+        self.built = None
+        self._release()
+
+    def train(self, model: str, cfg: Config) -> tuple[Models, TorchBackend]:
+        if self.built is None or self.built.model != model or self.built.models is None:
+            self.drop()
+            torch.manual_seed(cfg.meta.seed)
+            models = build_models(cfg, DEVICE)
+            self.built = _Built(model, models.target_encoder, models,
+                                TorchBackend(models.encoder, models.predictor, cfg))
+        return self.built.models, self.built.backend
+
+    def encoder(self, model: str, cfg: Config) -> torch.nn.Module:
+        """The model's target encoder alone: the built one when this model's modules are here, else a new one."""
+        if self.built is not None and self.built.model == model:
+            encoder = self.built.encoder
+        else:
+            self.drop()
+            torch.manual_seed(cfg.meta.seed)
+            encoder = build_encoder(cfg).to(DEVICE).requires_grad_(False)
+        self.built = _Built(model, encoder)
+        self._release()  # the online modules and the optimizer state, when they were here
+        return encoder
+
+    @staticmethod
+    def _release() -> None:
+        gc.collect()
+        if CUDA:
+            torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module")
+def cache():
+    c = _Cache()
+    yield c
+    c.drop()
+
+
+def _configure(cfg: Config) -> None:
+    """What the loop sets once before any model runs (both are "auto" in these configs, as the module defaults)."""
+    kernels.set_default_impl(cfg.model.kernels)
+    attention.set_backend(cfg.model.attention)
+
+
+def _measure(benchmark, fn: Callable[[], Any], info: dict[str, Any]) -> float | None:
+    """Warm-up, then ROUNDS rounds of one synchronised call; the median seconds (None under --benchmark-disable)."""
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+    if benchmark.disabled:  # --benchmark-disable: one plain call, a smoke test
+        benchmark.pedantic(fn)
+        return None
+    for _ in range(WARMUP_STEPS):
+        fn()
+    _sync()
+
+    def call() -> None:
+        fn()
+        _sync()
+
+    benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    info["peak_memory_gb"] = peak_memory_gb(DEVICE)
+    return benchmark.stats.stats.median
+
+
+def _run_or_skip(cache: _Cache, what: str, run: Callable[[], float | None]) -> float | None:
+    """`run()`'s median; a case that runs out of GPU memory frees the GPU for the next one and is skipped, with the
+    allocator's peak and message in the reason (pytest -rs; gpu_session.sh's log)."""
+    try:
+        return run()
+    except torch.cuda.OutOfMemoryError as e:
+        reason = f"out of GPU memory: {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    peak = torch.cuda.max_memory_allocated(DEVICE) / 1e9 if CUDA else 0.0
+    cache.drop()  # after the handler: the exception's traceback, which held the case's tensors, is gone
+    pytest.skip(f"{reason} (peak {peak:.1f} GB allocated)")
+
+
+def _rates(info: dict[str, Any], flops: int, median: float) -> None:
+    info["model_tflops"] = flops / median / 1e12
+    gemm = gemm_peak_tflops()
+    sheet = peak_tflops(DEVICE)
+    info.update(gemm_tflops=gemm, mfu_measured_peak=info["model_tflops"] / gemm,
+                datasheet_tflops=sheet, mfu_datasheet=info["model_tflops"] / sheet if sheet else None)
+
+
+def _base_info(benchmark, *, op: str, provider: str, case: str, direction: str, shape: dict[str, Any],
+               dtype: torch.dtype, flops: int, cfg: Config) -> dict[str, Any]:
+    benchmark.group = f"{op} {case} {direction}"
+    info = benchmark.extra_info
+    info.update(op=op, provider=provider, case=case, direction=direction, shape=shape,
+                dtype=str(dtype).removeprefix("torch."), bytes_moved=None, flops=flops, device=DEVICE_NAME,
+                interpreted=INTERPRETED, kernels=kernels.dispatch.resolve(None, DEVICE),
+                attention=attention_line(cfg, DEVICE), versions=_versions())
+    return info
+
+
+def test_gemm_peak(bench) -> None:
+    """The bare GEMM the MFU figures are measured against, as a result of its own."""
+    a, b = (torch.randn(GEMM_N, GEMM_N, device=DEVICE, dtype=GEMM_DTYPE) for _ in range(2))
+    out = torch.empty_like(a)
+    itemsize = torch.finfo(GEMM_DTYPE).bits // 8
+    bench(lambda: torch.mm(a, b, out=out), op="gemm", provider="torch_mm", case=f"{GEMM_N}^3", direction="fwd",
+          shape={"m": GEMM_N, "n": GEMM_N, "k": GEMM_N}, dtype=GEMM_DTYPE, bytes_moved=3 * GEMM_N ** 2 * itemsize,
+          flops=2 * GEMM_N ** 3, extra_info={"versions": _versions()})
+
+
+TRAIN_CASES = [(model, mode) for model in MODELS for mode in MODES]
+
+
+@pytest.mark.parametrize("model,mode", TRAIN_CASES, ids=[f"{m}-{mode}" for m, mode in TRAIN_CASES])
+def test_train_step(benchmark, cache, model: str, mode: str) -> None:
+    if not benchmark.disabled:
+        gemm_peak_tflops()  # measured once, first, on an empty GPU
+    cfg = _config(model, mode)
+    _configure(cfg)
+    d, b = cfg.data, cfg.data.batch_size
+    masks = MaskMaker(cfg.mask, cfg.grid, cfg.meta.seed, d.mask_type)(MASK_STEP, 0, b)
+    flops, tokens = micro_batch_cost(cfg, masks, flop_dims(cfg))
+    opt = cfg.optimization
+    steady = (opt.warmup + 1) * opt.ipe  # the first step after warm-up: clipping on (engine/loop.py)
+    lr, wd, momentum = Schedules.from_config(opt).at(steady)
+    shape = {"batch": b, "frames": d.num_frames, "crop": d.crop_size, "tokens_per_clip": cfg.num_tokens}
+    info = _base_info(benchmark, op="train_step", provider=f"ours-{mode}", case=_case_name(model), direction="step",
+                      shape=shape, dtype=ACT_DTYPE, flops=flops, cfg=cfg)
+    per_clip = token_counts([masks], b, len(cfg.mask))
+    info.update(tokens_per_step=tokens, autocast=cfg.meta.dtype if CUDA else "float32",
+                context_tokens_per_clip=[per_clip[f"context_tokens_{g}"] for g in range(len(cfg.mask))],
+                target_tokens_per_clip=[per_clip[f"target_tokens_{g}"] for g in range(len(cfg.mask))])
+
+    def run() -> float | None:  # its locals (models, activations) are gone once it returns or raises
+        models, backend = cache.train(model, cfg)
+        video = torch.randn(b, 3, d.num_frames, d.crop_size, d.crop_size, device=DEVICE, dtype=ACT_DTYPE)
+        device_masks = masks.to(DEVICE)
+
+        def step() -> None:
+            train_step(models, backend, [(video, device_masks)], lr=lr, wd=wd, momentum=momentum,
+                       clip_grad=opt.clip_grad, loss_exp=cfg.loss.loss_exp, dtype=cfg.meta.dtype)
+
+        return _measure(benchmark, step, info)
+
+    median = _run_or_skip(cache, f"{model} batch {b} {mode}", run)
+    if median is not None:
+        info.update(samples_per_s=b / median, tokens_per_s=tokens / median)
+        _rates(info, flops, median)
+
+
+@pytest.mark.parametrize("model", list(MODELS)[::-1])  # the last trained model's target encoder is still built
+def test_eval_forward(benchmark, cache, model: str) -> None:
+    if not benchmark.disabled:
+        gemm_peak_tflops()
+    cfg = _config(model)
+    _configure(cfg)
+    d, n = cfg.data, cfg.num_tokens
+    enc_dims, _, patch_features = flop_dims(cfg)
+    flops = encoder_flops([n] * EVAL_CLIPS, enc_dims, patch_features)
+    info = _base_info(benchmark, op="eval_forward", provider="ours-dense", case=f"{model}-b{EVAL_CLIPS}",
+                      direction="fwd", shape={"batch": EVAL_CLIPS, "frames": d.num_frames, "crop": d.crop_size,
+                                              "tokens_per_clip": n},
+                      dtype=ACT_DTYPE, flops=flops, cfg=cfg)
+
+    def run() -> float | None:
+        encoder = cache.encoder(model, cfg)
+        video = torch.randn(EVAL_CLIPS, 3, d.num_frames, d.crop_size, d.crop_size, device=DEVICE, dtype=ACT_DTYPE)
+        autocast = autocast_context(DEVICE, cfg.meta.dtype)
+
+        @torch.no_grad()
+        def forward() -> torch.Tensor:
+            with autocast:
+                return encoder(video)
+
+        return _measure(benchmark, forward, info)
+
+    median = _run_or_skip(cache, f"{model} eval forward of {EVAL_CLIPS} clips", run)
+    if median is not None:
+        info.update(samples_per_s=EVAL_CLIPS / median, tokens_per_s=EVAL_CLIPS * n / median)
+        _rates(info, flops, median)
