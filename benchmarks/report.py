@@ -238,7 +238,9 @@ def device_section(rows_: list[dict[str, Any]], kind: str) -> str:
                   "like for like with the reference's batch-minimum truncation):", "", *_step_table(steps), ""]
     evals = [r for r in rows_ if r["op"] == "eval_forward"]
     if evals:
-        lines += ["Frozen-evaluation forward (target encoder, all tokens, no grad):", "",
+        lines += ["Frozen-evaluation forward (target encoder, all tokens; ours-dense: no grad, the config's autocast; "
+                  "fp32-grad: the same forward as facebookresearch/vjepa2#71 calls it, fp32 trainable weights in grad "
+                  "mode):", "",
                   *_step_table(evals, "forward", context=False), ""]
     gemm = [r for r in rows_ if r["op"] == "gemm" and r.get("tflops") is not None]
     if gemm:

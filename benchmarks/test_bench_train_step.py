@@ -31,7 +31,10 @@ extra_info (besides op, provider, case, direction, shape, dtype, device, interpr
 The GEMM itself is a result too (op "gemm"), and so is the frozen-evaluation forward (op "eval_forward", provider
 "ours-dense"): the target encoder over all N tokens of 32 clips (engine/evaluation's default clips_per_forward; 4 on
 the CPU), no grad, bf16 autocast, with clips_per_s, tokens_per_s, model_tflops (engine/flops.py `encoder_flops`), the
-same MFU figures and peak memory (the encoder's weights and one forward's activations).
+same MFU figures and peak memory (the encoder's weights and one forward's activations). One more eval_forward case is
+the long clip of facebookresearch/vjepa2#71 (ViT-L/16 on one 64 x 256^2 clip, 8192 tokens, for which ~40 GB were
+reported with the public code): "ours-dense" as above, and "fp32-grad", that issue's own call (`model(data)`: fp32,
+trainable weights, grad mode on, so autograd keeps every block's activations), the memory the frozen path saves.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ MODES = {"packed": (), "truncated": ("--mask.truncate_to_batch_min=true",)}
 WARMUP_STEPS = 3 if CUDA else 1  # Triton autotuning and compilation, cuBLAS handles, the allocator's first blocks
 ROUNDS = 10 if CUDA else 3
 EVAL_CLIPS = 32 if CUDA else 4  # engine/evaluation/config.py clips_per_forward (its default)
+# (config, frames, crop) of the one-clip inference case of facebookresearch/vjepa2#71; the CPU shrinks it
+LONG_CLIP = ("vitl16.json", 64, 256) if CUDA else ("tiny_synthetic.json", 16, 64)
 GEMM_N, GEMM_DTYPE = (8192, torch.bfloat16) if CUDA else (512, torch.float32)
 DEVICE_NAME = torch.cuda.get_device_name(DEVICE) if CUDA else (platform.processor() or platform.machine() or "cpu")
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # conftest's flag: set on every CPU run
@@ -296,4 +301,49 @@ def test_eval_forward(benchmark, cache, model: str) -> None:
     median = _run_or_skip(cache, f"{model} eval forward of {EVAL_CLIPS} clips", run)
     if median is not None:
         info.update(samples_per_s=EVAL_CLIPS / median, tokens_per_s=EVAL_CLIPS * n / median)
+        _rates(info, flops, median)
+
+
+@pytest.mark.parametrize("provider", ["ours-dense", "fp32-grad"])
+def test_eval_forward_long_clip(benchmark, cache, provider: str) -> None:
+    """One long clip through the frozen encoder (facebookresearch/vjepa2#71's case): ours (no grad, the config's
+    autocast) against the same forward with fp32 trainable weights in grad mode, as that issue's snippet runs it."""
+    if not benchmark.disabled:
+        gemm_peak_tflops()
+    file, frames, crop = LONG_CLIP
+    cfg = load_config(ROOT / "configs" / file, [f"--data.num_frames={frames}", f"--data.crop_size={crop}",
+                                                 "--data.batch_size=1"])
+    _configure(cfg)
+    n, ours = cfg.num_tokens, provider == "ours-dense"
+    dtype = ACT_DTYPE if ours else torch.float32
+    enc_dims, _, patch_features = flop_dims(cfg)
+    flops = encoder_flops([n], enc_dims, patch_features)
+    model = f"{file.removesuffix('.json')}_{frames}x{crop}"
+    info = _base_info(benchmark, op="eval_forward", provider=provider, case=f"{model}-b1", direction="fwd",
+                      shape={"batch": 1, "frames": frames, "crop": crop, "tokens_per_clip": n}, dtype=dtype,
+                      flops=flops, cfg=cfg)
+
+    def run() -> float | None:
+        encoder = cache.encoder(model, cfg)
+        video = torch.randn(1, 3, frames, crop, crop, device=DEVICE, dtype=dtype)
+        if ours:
+            autocast = autocast_context(DEVICE, cfg.meta.dtype)
+
+            @torch.no_grad()
+            def forward() -> torch.Tensor:
+                with autocast:
+                    return encoder(video)
+        else:
+            encoder.requires_grad_(True)  # the graph of each call is freed when its output is dropped
+
+            def forward() -> torch.Tensor:
+                return encoder(video)
+        try:
+            return _measure(benchmark, forward, info)
+        finally:
+            encoder.requires_grad_(False)
+
+    median = _run_or_skip(cache, f"{model} eval forward of one clip ({provider})", run)
+    if median is not None:
+        info.update(samples_per_s=1 / median, tokens_per_s=n / median)
         _rates(info, flops, median)
