@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 # ViT-H/384 in both mask modes, the eval forward, the GEMM peak). The limits add up to more than one default budget:
 # whatever runs out of time goes into a second call with --only. All steps would write 10 files, two more than the
 # device returns: a full session takes two calls anyway (e.g. --only bench_loader,aot as the second).
-BENCHMARKS=(attention:180 train_step:240 tubelet_embed:180 masked_l1_loss:90 ema:120 loader:120)
+BENCHMARKS=(attention:180 train_step:300 tubelet_embed:180 masked_l1_loss:90 ema:120 loader:120)
 RESERVE=15  # seconds at the end of the budget kept for the summary
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }

@@ -11,7 +11,11 @@ the first step's after warm-up (clipping on, as in most of a run). One step per 
 Cases, with CUDA (bf16 autocast, the configs' batch sizes): ViT-L/16 at 224 px (configs/vitl16.json, batch 24) and
 ViT-H/16 at 384 px (configs/vith16_384.json, batch 10), each with packed masks (provider "ours-packed", the default)
 and with the reference's batch-minimum truncation ("ours-truncated": `mask.truncate_to_batch_min=true`, the like-for-
-like comparison with the reference). A case that runs out of GPU memory is skipped with the allocator's figures in the
+like comparison with the reference), and packed with compiled blocks ("ours-packed-compiled": `model.compile=true`,
+models/blocks.py; its first calls compile, inside the warm-up steps); then, after every PyTorch-backend case, the
+DeepSpeed backend (ZeRO-2 on the one device) in its two precision modes, packed masks: "ours-packed-zero2" (fp32
+weights under the step's autocast: the faithful default of the recipes) and "ours-packed-zero2-bf16w" (the bf16-weights
+opt-in, `deepspeed.bf16.enabled`). A case that runs out of GPU memory is skipped with the allocator's figures in the
 reason (pytest -rs, gpu_session.sh's log), and the next case starts on a freed GPU. Without CUDA: the tiny config
 (configs/tiny_synthetic.json) at batch 2, fp32, PyTorch kernels: it proves that the file runs, not how fast anything is.
 
@@ -53,11 +57,11 @@ import torch
 import kernels
 from benchmarks.conftest import versions as _versions
 from benchmarks.shapes import ACT_DTYPE, CUDA, DEVICE, MASK_STEP, ROOT
-from engine.backends import TorchBackend
+from engine.backends import Backend, DeepSpeedBackend, TorchBackend
 from engine.build import build_encoder
 from engine.config import Config, load_config
 from engine.flops import encoder_flops
-from engine.loop import attention_line, build_models, flop_dims, micro_batch_cost, token_counts
+from engine.loop import attention_line, build_models, flop_dims, init_distributed, micro_batch_cost, token_counts
 from engine.packed_masks import MaskMaker
 from engine.schedules import Schedules
 from engine.step import Models, autocast_context, train_step
@@ -67,7 +71,14 @@ from models import attention
 # model case -> (config, overrides)
 MODELS = {"vitl16_224": ("vitl16.json", ()), "vith16_384": ("vith16_384.json", ())} if CUDA else \
     {"tiny": ("tiny_synthetic.json", ("--data.batch_size=2",))}
-MODES = {"packed": (), "truncated": ("--mask.truncate_to_batch_min=true",)}
+MODES = {"packed": (), "truncated": ("--mask.truncate_to_batch_min=true",),
+         "packed-compiled": ("--model.compile=true",)}
+# the two precision modes of the DeepSpeed backend, ZeRO-2 on this one device: the faithful default (fp32 weights under
+# the step's autocast) and the bf16-weights opt-in (engine/backends.py DeepSpeedBackend's doc)
+_ZERO2 = ("--meta.backend=deepspeed", "--deepspeed.zero_optimization.stage=2")
+DS_MODES = {"packed-zero2": (*_ZERO2, "--deepspeed.bf16.enabled=false"),
+            "packed-zero2-bf16w": (*_ZERO2, "--deepspeed.bf16.enabled=true")}
+SHARED = ("packed", "truncated")  # modes that run the same modules (the masks change nothing in the models)
 WARMUP_STEPS = 3 if CUDA else 1  # Triton autotuning and compilation, cuBLAS handles, the allocator's first blocks
 ROUNDS = 10 if CUDA else 3
 EVAL_CLIPS = 32 if CUDA else 4  # engine/evaluation/config.py clips_per_forward (its default)
@@ -104,7 +115,19 @@ def gemm_peak_tflops() -> float:
 
 def _config(model: str, mode: str = "packed") -> Config:
     file, overrides = MODELS[model]
-    return load_config(ROOT / "configs" / file, [*overrides, *MODES[mode]])
+    return load_config(ROOT / "configs" / file, [*overrides, *{**MODES, **DS_MODES}[mode]])
+
+
+def _backend(models: Models, cfg: Config) -> Backend:
+    """The loop's backend for `cfg`: DeepSpeed (a 1-rank process group, made once) or PyTorch."""
+    if cfg.meta.backend != "deepspeed":
+        return TorchBackend(models.encoder, models.predictor, cfg)
+    if not CUDA:  # DeepSpeed JIT-builds a CPU shared-memory all-reduce op (~50 s) at init; one rank never uses it
+        import deepspeed.comm.torch
+
+        deepspeed.comm.torch.build_shm_op = lambda: None
+    init_distributed(True, DEVICE)
+    return DeepSpeedBackend(models.encoder, models.predictor, cfg, models.target_encoder)
 
 
 def _case_name(model: str) -> str:
@@ -116,7 +139,7 @@ class _Built:
     model: str
     encoder: torch.nn.Module  # the (frozen) target encoder
     models: Models | None = None  # the training modules; None once only the target encoder is kept
-    backend: TorchBackend | None = None
+    backend: Backend | None = None
 
 
 class _Cache:
@@ -130,13 +153,12 @@ class _Cache:
         self.built = None
         self._release()
 
-    def train(self, model: str, cfg: Config) -> tuple[Models, TorchBackend]:
+    def train(self, model: str, cfg: Config) -> tuple[Models, Backend]:
         if self.built is None or self.built.model != model or self.built.models is None:
             self.drop()
             torch.manual_seed(cfg.meta.seed)
             models = build_models(cfg, DEVICE)
-            self.built = _Built(model, models.target_encoder, models,
-                                TorchBackend(models.encoder, models.predictor, cfg))
+            self.built = _Built(model, models.target_encoder, models, _backend(models, cfg))
         return self.built.models, self.built.backend
 
     def encoder(self, model: str, cfg: Config) -> torch.nn.Module:
@@ -232,7 +254,8 @@ def test_gemm_peak(bench) -> None:
           flops=2 * GEMM_N ** 3, extra_info={"versions": _versions()})
 
 
-TRAIN_CASES = [(model, mode) for model in MODELS for mode in MODES]
+# DeepSpeed's cases last: an engine may keep device memory after it is dropped, which must not starve the others
+TRAIN_CASES = [(model, mode) for modes in (MODES, DS_MODES) for model in MODELS for mode in modes]
 
 
 @pytest.mark.parametrize("model,mode", TRAIN_CASES, ids=[f"{m}-{mode}" for m, mode in TRAIN_CASES])
@@ -256,7 +279,7 @@ def test_train_step(benchmark, cache, model: str, mode: str) -> None:
                 target_tokens_per_clip=[per_clip[f"target_tokens_{g}"] for g in range(len(cfg.mask))])
 
     def run() -> float | None:  # its locals (models, activations) are gone once it returns or raises
-        models, backend = cache.train(model, cfg)
+        models, backend = cache.train(model if mode in SHARED else f"{model}-{mode}", cfg)
         video = torch.randn(b, 3, d.num_frames, d.crop_size, d.crop_size, device=DEVICE, dtype=ACT_DTYPE)
         device_masks = masks.to(DEVICE)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from models import VARIANTS, Predictor, Variant, VisionTransformer
+from models.blocks import compile_blocks
 
 from .config import Config
 
@@ -23,6 +24,8 @@ def build_encoder(cfg: Config) -> VisionTransformer:
                                 patch_size=d.patch_size, tubelet_size=d.tubelet_size, uniform_power=m.uniform_power,
                                 rescale_init_by_depth=m.rescale_init_by_depth)
     encoder.checkpoint_every = m.activation_checkpointing  # the target encoder runs without grad: never recomputes
+    if m.compile:
+        compile_blocks(encoder)
     return encoder
 
 
@@ -35,4 +38,6 @@ def build_predictor(cfg: Config) -> Predictor:
                           uniform_power=m.uniform_power, zero_init_mask_tokens=m.zero_init_mask_tokens,
                           rescale_init_by_depth=m.rescale_init_by_depth)
     predictor.checkpoint_every = m.activation_checkpointing
+    if m.compile:
+        compile_blocks(predictor)
     return predictor

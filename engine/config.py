@@ -100,6 +100,7 @@ class ModelConfig:
     kernels: str = "auto"  # (ours) fused ops: auto (Triton on GPU) | triton | torch (the references); env VJEPA_KERNELS wins
     attention: str = "auto"  # (ours) backend of models/attention.py (auto: measured per GPU); env VJEPA_ATTENTION wins
     activation_checkpointing: int = 0  # (ours) k > 0: every k-th block of encoder and predictor recomputes in backward
+    compile: bool = False  # (ours) torch.compile the per-token work of every block (models/blocks.py); not with ZeRO-3
 
 
 @dataclass
@@ -361,6 +362,10 @@ def validate(cfg: Config) -> None:
         (m.attention in ATTENTION_BACKENDS,
          f"model.attention '{m.attention}': use one of {', '.join(ATTENTION_BACKENDS)}"),
         (m.activation_checkpointing >= 0, "model.activation_checkpointing must be 0 (off) or k >= 1 (every k-th block)"),
+        (not (m.compile and cfg.meta.backend != "torch"
+              and int(((cfg.deepspeed or {}).get("zero_optimization") or {}).get("stage", 0)) == 3),
+         "model.compile with ZeRO stage 3: the compiled blocks read their weights directly, and stage 3 gathers "
+         "them only when a submodule is called; use stage 1/2 or --model.compile=false"),
         (m.use_mask_tokens, "model.use_mask_tokens=false (the reference's unused diffusion branch) is not supported"),
         (cfg.meta.dtype in ("bfloat16", "float16", "float32"), "meta.dtype must be bfloat16, float16 or float32"),
         (len(cfg.optimization.ema) == 2, "optimization.ema must be [start, end]"),
