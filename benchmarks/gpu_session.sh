@@ -11,9 +11,16 @@
 #     --dry-run    hide CUDA and skip the wheel install: the same commands run on the CPU, where the benchmarks take
 #                  their tiny interpreted shapes, so this script is testable without a GPU (tests/test_gpu_session.py)
 #   GIT_COMMIT: the device receives the working tree without .git, so the commit travels in the environment.
-# Steps: wheels, gpu_tests, bench_<name> for each entry of BENCHMARKS, aot.
-# $OUT receives env.json, session.log (every step's output), gpu_tests.xml, bench_<name>.json, aot.json. The device
-# returns at most 8 files from $OUT: once BENCHMARKS grows past that, split the session into calls with --only.
+# Steps: wheels, gpu_tests, bench_<name> for each entry of BENCHMARKS, compare_reference, aot.
+# $OUT receives env.json, session.log (every step's output), gpu_tests.xml, bench_<name>.json, compare_<config>.json,
+# aot.json. The device returns at most 8 files from $OUT: once BENCHMARKS grows past that, split the session into calls
+# with --only.
+# compare_reference runs benchmarks/compare_reference.py (this engine against facebookresearch/jepa on the same GPU)
+# on ViT-L/16-224 and ViT-H/16-384 (the tiny config in a dry run) when a checkout of the reference is at
+# $VJEPA_REFERENCE (default .ref/jepa, ignored by git). On the CPU machine, before the device call:
+#   git -C <its mirror from the search tool's fetch> worktree add "$PWD/.ref/jepa" HEAD
+#   bash ../shared/tools/gpu_wheels.sh pyyaml        # the reference's imports need pyyaml
+# then carry [".whl", ".ref"]. Without a checkout the step is skipped, saying so.
 # Exit code: the number of steps that failed or ran out of time (0: every step passed or was skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +50,7 @@ done
 : "${OUT:?set OUT to the folder that receives the results}"
 STEPS=(wheels gpu_tests)
 for b in "${BENCHMARKS[@]}"; do STEPS+=("bench_${b%%:*}"); done
-STEPS+=(aot)
+STEPS+=(compare_reference aot)
 for name in ${ONLY//,/ }; do
   [[ " ${STEPS[*]} " == *" $name "* ]] && continue
   echo "gpu_session.sh: unknown step '$name' (steps: ${STEPS[*]})" >&2; exit 2
@@ -120,7 +127,22 @@ for entry in "${BENCHMARKS[@]}"; do
     "$(q "$PY") -m pytest $file --benchmark-only -q -rs -p no:cacheprovider --benchmark-json=$(q "$OUT/bench_$name.json")"
 done
 
-# (e) compile every kernel configuration for sm_90 (works on a CPU too; not under the interpreter)
+# (e) this engine against the reference on the same device, when a checkout of it was carried
+REFERENCE=${VJEPA_REFERENCE:-.ref/jepa}
+if [[ ! -d $REFERENCE/src || ! -d $REFERENCE/app ]]; then
+  skip compare_reference "no facebookresearch/jepa checkout at $REFERENCE (see the usage above)"
+else
+  configs=(vitl16 vith16_384)
+  ((DRY)) && configs=(tiny_synthetic)
+  cmd="rc=0"
+  for cfg in "${configs[@]}"; do
+    cmd+="; $(q "$PY") benchmarks/compare_reference.py --reference $(q "$REFERENCE") --config configs/$cfg.json"
+    cmd+=" --steps 5 --json $(q "$OUT/compare_$cfg.json") || rc=1"
+  done
+  step compare_reference 240 "$cmd; exit \$rc"
+fi
+
+# (f) compile every kernel configuration for sm_90 (works on a CPU too; not under the interpreter)
 if [[ -f kernels/aot.py ]]; then
   step aot 90 "env -u TRITON_INTERPRET $(q "$PY") -m kernels.aot --json > $(q "$OUT/aot.json")"
 else

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from .test_compare_reference import REFERENCE
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 
 
-def _session(out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+def _session(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, **(env or {})}
     env.pop("VJEPA_BENCH_DEADLINE", None)
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 
@@ -53,3 +55,19 @@ def test_train_step_benchmark_is_a_step(tmp_path):
     proc = _session(tmp_path, "--dry-run", "--only", "bench_train_step", "--budget", "0")
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "bench_train_step: no-time" in (tmp_path / "session.log").read_text()
+
+
+def test_compare_reference_step_is_skipped_without_a_checkout(tmp_path):
+    proc = _session(tmp_path, "--dry-run", "--only", "compare_reference", env={"VJEPA_REFERENCE": str(tmp_path / "no")})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "compare_reference: skipped: no facebookresearch/jepa checkout" in (tmp_path / "session.log").read_text()
+
+
+@pytest.mark.skipif(REFERENCE is None, reason="no facebookresearch/jepa checkout: set VJEPA_REFERENCE=PATH or clone it "
+                    "to /tmp/jepa_ref (tests/fixtures/reference/README.md)")
+def test_compare_reference_step_writes_its_json(tmp_path):
+    proc = _session(tmp_path, "--dry-run", "--only", "compare_reference", env={"VJEPA_REFERENCE": str(REFERENCE)})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "compare_tiny_synthetic.json").read_text())
+    assert result["ratios"]["samples_per_s_truncated"] > 0 and result["loss_check"]["abs_diff"] < 1e-5
+    assert "== compare_reference: ok" in (tmp_path / "session.log").read_text()
