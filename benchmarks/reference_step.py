@@ -281,74 +281,63 @@ class ReferenceTrainer:
 
     def _train_step(self, clips: torch.Tensor, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor],
                     clip_grad: float | None, loggers: bool) -> tuple:
-        """train.py's `train_step` closure (with `loggers`, its grad/optimizer loggers and float() of the losses)."""
-        ref, encoder, predictor, target_encoder = self.ref, self.encoder, self.predictor, self.target_encoder
-        optimizer, scaler = self.optimizer, self.scaler
-        new_lr = self.lr_sched.step()
-        new_wd = self.wd_sched.step()
+        """One iteration of the reference's algorithm on its modules, in the order its closure runs it (the module
+        docstring lists each part); with `loggers`, also its gradient / optimizer loggers and the host reads of the
+        losses. Returns (loss, prediction loss, regulariser, lr, wd, encoder grad stats, predictor grad stats,
+        optimizer stats): floats with `loggers`, else the loss stays a device tensor."""
+        ref = self.ref
+        lr, wd = self.lr_sched.step(), self.wd_sched.step()
+        generators = len(masks_pred)
 
-        def forward_target(c: torch.Tensor) -> list[torch.Tensor]:
-            with torch.no_grad():
-                h = target_encoder(c)
-                h = F.layer_norm(h, (h.size(-1),))
-                return ref.apply_masks(h, masks_pred, concat=False)
-
-        def forward_context(c: torch.Tensor, h: list[torch.Tensor]) -> list[torch.Tensor]:
-            z = encoder(c, masks_enc)
-            return predictor(z, h, masks_enc, masks_pred)
-
-        def loss_fn(z: list[torch.Tensor], h: list[torch.Tensor]) -> torch.Tensor:
-            loss = 0.
-            for zi, hi in zip(z, h):
-                loss += torch.mean(torch.abs(zi - hi) ** self.loss_exp) / self.loss_exp
-            loss /= len(masks_pred)
-            return loss
-
-        def reg_fn(z: list[torch.Tensor]) -> torch.Tensor:
-            return sum([torch.sqrt(zi.var(dim=1) + 0.0001) for zi in z]) / len(z)
-
-        loss_jepa, loss_reg = 0., 0.
         with autocast(self.dtype, self.mixed_precision):
-            h = forward_target(clips)
-            z = forward_context(clips, h)
-            loss_jepa = loss_fn(z, h)
-            pstd_z = reg_fn(z)
-            loss_reg += torch.mean(F.relu(1. - pstd_z))
-        loss = loss_jepa + self.reg_coeff * loss_reg
+            # targets: the EMA encoder on the whole clip, layer norm without affine, then each generator's rows
+            with torch.no_grad():
+                full = self.target_encoder(clips)
+                targets = ref.apply_masks(F.layer_norm(full, (full.size(-1),)), masks_pred, concat=False)
+            # predictions: the context encoder once per generator (inside its wrapper), then the predictor
+            predictions = self.predictor(self.encoder(clips, masks_enc), targets, masks_enc, masks_pred)
+            # prediction loss: per generator mean |p - t|^e / e, summed from 0. and divided by the generator count
+            per_generator = [torch.mean(torch.abs(p - t) ** self.loss_exp) / self.loss_exp
+                             for p, t in zip(predictions, targets)]
+            prediction_loss = sum(per_generator, 0.) / generators
+            # the variance regulariser, computed every step whatever its weight
+            spread = sum([torch.sqrt(p.var(dim=1) + 0.0001) for p in predictions]) / len(predictions)
+            regulariser = torch.mean(F.relu(1. - spread))
+        loss = prediction_loss + self.reg_coeff * regulariser
 
-        enc_norm, pred_norm = 0., 0.
+        # backward (scaled under mixed precision, then unscaled for clipping), per-network clipping, optimizer step
         if self.mixed_precision:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if clip_grad is not None:  # train.py: `if (epoch > warmup) and (clip_grad is not None)`
-            enc_norm = torch.nn.utils.clip_grad_norm_(encoder.parameters(), clip_grad)
-            pred_norm = torch.nn.utils.clip_grad_norm_(predictor.parameters(), clip_grad)
+        norms = (0., 0.)
+        if clip_grad is not None:  # the reference clips after its warmup epochs; the caller decides
+            norms = tuple(torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad)
+                          for net in (self.encoder, self.predictor))
         if self.mixed_precision:
-            scaler.step(optimizer)
-            scaler.update()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
-            optimizer.step()
-        grad_stats = grad_stats_pred = optim_stats = None
-        if loggers:
-            grad_stats = ref.logging.grad_logger(encoder.named_parameters())
-            grad_stats.global_norm = float(enc_norm)
-            grad_stats_pred = ref.logging.grad_logger(predictor.named_parameters())
-            grad_stats_pred.global_norm = float(pred_norm)
-        optimizer.zero_grad()
-        if loggers:
-            optim_stats = ref.logging.adamw_logger(optimizer)
+            self.optimizer.step()
+        stats = [None, None, None]
+        if loggers:  # one host read per weight matrix and per clip norm
+            for i, (net, norm) in enumerate(zip((self.encoder, self.predictor), norms)):
+                stats[i] = ref.logging.grad_logger(net.named_parameters())
+                stats[i].global_norm = float(norm)
+        self.optimizer.zero_grad()
+        if loggers:  # the optimizer's state dict and two host reads per parameter
+            stats[2] = ref.logging.adamw_logger(self.optimizer)
 
+        # EMA of the target, one parameter at a time with a temporary for (1 - m) * online, as the reference
         m = next(self.momentum)
         with torch.no_grad():
-            for param_q, param_k in zip(encoder.parameters(), target_encoder.parameters()):
-                param_k.data.mul_(m).add_((1. - m) * param_q.detach().data)
+            for online, target in zip(self.encoder.parameters(), self.target_encoder.parameters()):
+                target.data.mul_(m).add_(online.detach().data * (1. - m))
 
         if loggers:
-            return (float(loss), float(loss_jepa), float(loss_reg), new_lr, new_wd, grad_stats, grad_stats_pred,
-                    optim_stats)
-        return loss.detach(), loss_jepa, loss_reg, new_lr, new_wd, None, None, None
+            return (float(loss), float(prediction_loss), float(regulariser), lr, wd, *stats)
+        return loss.detach(), prediction_loss, regulariser, lr, wd, None, None, None
 
     def step(self, clips: torch.Tensor, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor], *,
              clip_grad: float | None, loggers: bool) -> Any:
