@@ -122,6 +122,8 @@ def _backend(models: Models, cfg: Config) -> Backend:
     """The loop's backend for `cfg`: DeepSpeed (a 1-rank process group, made once) or PyTorch."""
     if cfg.meta.backend != "deepspeed":
         return TorchBackend(models.encoder, models.predictor, cfg)
+    pytest.importorskip("deepspeed", reason="the DeepSpeed backend's cases need deepspeed (pip install -e "
+                        "'.[deepspeed]'; on the device machine, the wheels of ../shared/tools/gpu_wheels.sh)")
     if not CUDA:  # DeepSpeed JIT-builds a CPU shared-memory all-reduce op (~50 s) at init; one rank never uses it
         import deepspeed.comm.torch
 
