@@ -27,15 +27,20 @@ def main(argv: list[str] | None = None) -> int:
                         "(the process group is read from its environment)")
     args, overrides = parser.parse_known_args(argv)
     from engine.evaluation.config import load_eval_config
+    from engine.process_group import leave_process_group
 
+    clean = False
     try:
         cfg = load_eval_config(args.config, overrides)
         from engine.evaluation.runner import run_eval
 
         run_eval(cfg, args.checkpoint, random_init=args.random_init)
+        clean = True
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        leave_process_group(clean=clean)
     return 0
 
 

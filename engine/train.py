@@ -45,8 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(cfg, args.config)
     from engine.faults import PREEMPTED_EXIT_CODE
     from engine.loop import train  # heavy imports only when training
+    from engine.process_group import leave_process_group
 
-    summary = train(cfg, local_rank=args.local_rank)
+    clean = False
+    try:
+        summary = train(cfg, local_rank=args.local_rank)
+        clean = True
+    finally:
+        leave_process_group(clean=clean)
     return PREEMPTED_EXIT_CODE if summary["preempted"] else 0
 
 

@@ -64,3 +64,16 @@ def test_two_ranks_of_b_train_the_probe_of_one_rank_of_2b(tiny_run, synthetic_ro
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         assert b["train_top1"] == a["train_top1"] and b["val_top1"] == a["val_top1"]
     assert "epoch 1/2" in outputs[0] and outputs[1].strip() == ""  # rank 0 alone prints
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_entry_points_leave_the_process_group(tmp_path, clean):
+    # a rank exiting with a live gloo group aborted now and then (exit -6) after its work: the entry points leave it
+    import torch.distributed as dist
+
+    from engine.process_group import leave_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    leave_process_group(clean=clean)
+    assert not dist.is_initialized()
+    leave_process_group(clean=clean)  # no group: nothing to do
