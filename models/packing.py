@@ -52,7 +52,9 @@ class Packing:
         """Sequences grouped by length, for batching equal-length ones: ((length, count), ...), order, inverse.
 
         `x.index_select(0, order)` lays the groups end to end; `.index_select(0, inverse)` restores packing order.
-        Host tensors, computed once per packing (the loader's packings are reused by every layer).
+        Computed once per packing on the device of `cu_seqlens`: every layer of the step shares the packing, so the
+        index tensors cross to the GPU once per step, not twice per layer (a copy from pageable host memory may wait
+        for the stream).
         """
         starts = [0]
         for n in self.seqlens[:-1]:
@@ -63,15 +65,17 @@ class Packing:
         order = torch.cat([torch.arange(starts[s], starts[s] + n) for n, seqs in by_len.items() for s in seqs])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel())
-        return tuple((n, len(seqs)) for n, seqs in by_len.items()), order, inverse
+        device = self.cu_seqlens.device
+        return tuple((n, len(seqs)) for n, seqs in by_len.items()), order.to(device), inverse.to(device)
 
     @cached_property
     def padded_rows(self) -> torch.Tensor:
-        """(T,) int64 host tensor: row of each packed token in the padded (S * max_seqlen) layout.
+        """(T,) int64: row of each packed token in the padded (S * max_seqlen) layout, on the device of `cu_seqlens`.
 
         Only the `sdpa_padded` attention backend pads (a comparison baseline); computed once per packing.
         """
-        return torch.cat([s * self.max_seqlen + torch.arange(n) for s, n in enumerate(self.seqlens)])
+        rows = torch.cat([s * self.max_seqlen + torch.arange(n) for s, n in enumerate(self.seqlens)])
+        return rows.to(self.cu_seqlens.device)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Packing:
         return Packing(self.seqlens, self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen)

@@ -177,6 +177,19 @@ def test_case_from_packing_and_head_dim():
     assert [attention.device_kind(n) for n in names] == ["H100", "H200", "A100", "4090"]
 
 
+def test_grouping_indices_live_on_the_packings_device_once():
+    # the meta device stands in for a GPU: the indices must follow cu_seqlens there, built once for all layers
+    host = Packing.from_seqlens([3, 1, 3, 2])
+    packing = Packing(host.seqlens, host.cu_seqlens.to("meta"), host.max_seqlen)
+    groups, order, inverse = packing.length_groups
+    assert groups == ((3, 2), (1, 1), (2, 1))
+    assert order.device.type == inverse.device.type == packing.padded_rows.device.type == "meta"
+    assert packing.length_groups[1] is order and packing.padded_rows is packing.padded_rows
+    _, host_order, host_inverse = host.length_groups
+    assert host_order.tolist() == [0, 1, 2, 4, 5, 6, 3, 7, 8]
+    assert host_order[host_inverse].tolist() == list(range(9))
+
+
 def _result(shape, case, head_dim, direction, provider, median, device=H100, interpreted=False):
     return {"extra_info": {"op": "attention", "case": shape, "attention_case": case, "head_dim": head_dim,
                            "direction": direction, "provider": provider, "device": device, "interpreted": interpreted},
