@@ -196,7 +196,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     if start_step >= stop:
         say(f"nothing to do: step {start_step} >= stop {stop}")
         return {"steps": 0, "start_step": start_step, "first_loss": None, "last_loss": None, "losses": {},
-                "skipped_steps": 0, "preempted": False, "folder": str(folder)}
+                "skipped_steps": 0, "preempted": False, "exit_code": 0, "folder": str(folder)}
 
     # data: masks are built in the loader, so the step never waits on host work
     b, accumulation = cfg.data.batch_size, cfg.accumulation_steps
@@ -220,7 +220,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     run_start = time.perf_counter()
     first_loss = last_loss = None
     logged: dict[int, float] = {}  # step -> mean loss of the window it ends, at full precision (for callers, tests)
-    guard = StepGuard(distributed=use_ds and world > 1, max_nonfinite=cfg.meta.max_nonfinite_steps, device=device)
+    guard = StepGuard(distributed=use_ds and world > 1, max_nonfinite=cfg.meta.max_nonfinite_steps, device=device,
+                      announce=main)
     last_save_s: float | None = None
     preempted = False
     batches = iter(data.loader)
@@ -228,7 +229,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                             say=print)
     if profiler.enabled:
         print(f"rank {rank}: {profiler.describe()}" if world > 1 else profiler.describe(), flush=True)
-    for step in profiler.steps(range(start_step, stop)):  # stops the profiler however the loop ends
+    # SIGTERM / Ctrl-C handled while the loop runs; the profiler stopped and the handlers restored however it ends
+    for step in guard.watch(profiler.steps(range(start_step, stop))):
         lr, wd, momentum = schedules.at(step)
         clip = opt.clip_grad if step // opt.ipe > opt.warmup else None  # the reference clips after warmup epochs
         log_now = step == start_step or (step + 1) % cfg.logging.log_every == 0 or step == stop - 1
@@ -280,7 +282,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                 window_losses = []
 
         saved = (step + 1) % cfg.logging.checkpoint_every == 0 or step == stop - 1
-        if guard.stop:  # preempted: all ranks agreed at this step's check
+        if guard.stop:  # preempted or interrupted: all ranks agreed at this step's check
             saved = saved or guard.agree_to_save(cfg.meta.preempt_grace_s, last_save_s)
             preempted = step < stop - 1
         if saved:
@@ -291,8 +293,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                 last_save_s = time.perf_counter() - save_start
         if preempted:
             where = f"saved step {step + 1}" if saved else "no time to save: the last periodic checkpoint stands"
-            say(f"stopping after SIGTERM at step {step + 1} ({where}); rerun the same command to continue",
-                flush=True)
+            say(f"stopping after {guard.stop_reason} at step {step + 1} ({where}); rerun the same command to "
+                "continue", flush=True)
             break
 
     steps_run = step + 1 - start_step
@@ -300,7 +302,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
         say(f"done: {steps_run} steps in {_format_eta(time.perf_counter() - run_start)}, "
             f"loss {first_loss:.4f} -> {last_loss:.4f}, {guard.skipped} skipped (non-finite); checkpoint {folder}")
     return {"steps": steps_run, "start_step": start_step, "first_loss": first_loss, "last_loss": last_loss,
-            "losses": logged, "skipped_steps": guard.skipped, "preempted": preempted, "folder": str(folder)}
+            "losses": logged, "skipped_steps": guard.skipped, "preempted": preempted,
+            "exit_code": guard.exit_code if preempted else 0, "folder": str(folder)}
 
 
 def _save(cfg: Config, folder: Path, ds_folder: str, backend: Any, models: Models, next_step: int, world: int,

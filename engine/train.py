@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         from engine.dry_run import main as dry_run
 
         return dry_run(cfg, args.config)
-    from engine.faults import PREEMPTED_EXIT_CODE
     from engine.loop import train  # heavy imports only when training
     from engine.process_group import leave_process_group
 
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         clean = True
     finally:
         leave_process_group(clean=clean)
-    return PREEMPTED_EXIT_CODE if summary["preempted"] else 0
+    return summary["exit_code"]  # 143 after SIGTERM, 130 after Ctrl-C (rerun to continue), else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Faults a long run survives: non-finite losses (skipped, counted, K in a row stop the run) and SIGTERM (stop at a
-step boundary, save, exit 143, and the rerun continues bit for bit)."""
+"""Faults a long run survives: non-finite losses (skipped, counted, K in a row stop the run), SIGTERM (stop at a
+step boundary, save, exit 143, and the rerun continues bit for bit) and Ctrl-C (the same, exit 130; twice: at once)."""
 
 import csv
 import os
@@ -13,7 +13,7 @@ import torch
 
 import engine.step
 from engine.checkpoint import load_checkpoint, resume_path
-from engine.faults import PREEMPTED_EXIT_CODE, NonFiniteLoss, StepGuard
+from engine.faults import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, NonFiniteLoss, StepGuard
 from engine.loop import train
 
 from .conftest import ROOT
@@ -83,20 +83,47 @@ def test_a_skipped_step_leaves_the_weights_and_moves_the_ema():
 def test_save_after_sigterm_only_if_it_fits_the_grace_period():
     guard = StepGuard(distributed=False, max_nonfinite=3, device=torch.device("cpu"))
     assert guard.agree_to_save(30.0, 5.0)  # not signalled
-    guard.stop_requested_at = time.monotonic() - 20.0
+    guard.signals[signal.SIGINT] = time.monotonic() - 60.0
+    assert guard.agree_to_save(30.0, 15.0)  # Ctrl-C alone sets no deadline
+    guard.signals[signal.SIGTERM] = time.monotonic() - 20.0
     assert guard.agree_to_save(30.0, 5.0) and not guard.agree_to_save(30.0, 15.0)
     guard.check(torch.tensor(1.0), step=0)
     assert guard.stop  # the flag reached the step's check
+    assert (guard.stop_reason, guard.exit_code) == ("SIGTERM", PREEMPTED_EXIT_CODE)
 
 
-def test_sigterm_saves_at_the_next_step_and_the_rerun_continues_bit_exactly(tiny_config, synthetic_root, tmp_path):
+def test_the_guards_handlers_live_as_long_as_its_loop():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    guard = StepGuard(distributed=False, max_nonfinite=3, device=torch.device("cpu"), announce=False)
+    steps = []
+    for step in guard.watch(range(3)):
+        assert signal.getsignal(signal.SIGINT) == guard._on_signal
+        steps.append(step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C only asks
+            time.sleep(0.01)  # Python runs the handler at the next bytecode boundary
+            break
+    assert steps == [0, 1] and {s: signal.getsignal(s) for s in before} == before  # restored after the break
+    assert guard.check(torch.tensor(1.0), step=1) and guard.stop
+    assert (guard.stop_reason, guard.exit_code) == ("Ctrl-C", INTERRUPTED_EXIT_CODE)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in guard.watch(range(3)):
+            guard._on_signal(signal.SIGINT, None)  # the second Ctrl-C stops at once
+    assert {s: signal.getsignal(s) for s in before} == before  # restored after the raise
+
+
+@pytest.mark.parametrize("signum,code,reason", [(signal.SIGTERM, PREEMPTED_EXIT_CODE, "SIGTERM"),
+                                                (signal.SIGINT, INTERRUPTED_EXIT_CODE, "Ctrl-C")], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_saves_at_the_next_step_and_the_rerun_continues_bit_exactly(tiny_config, synthetic_root,
+                                                                                   tmp_path, signum, code, reason):
     straight = train(tiny_config("--meta.max_steps=24", *STEPS, f"--logging.folder={tmp_path}/a"))
     folder = tmp_path / "b"
     args = [sys.executable, str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.json"),
             "--data.synthetic_root=null", f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]",
             "--data.num_workers=1", "--data.batch_size=4", "--meta.max_steps=24", *STEPS,
             "--logging.checkpoint_every=100", f"--logging.folder={folder}"]
-    # its own session, so that SIGTERM goes to the whole process tree (loader worker included), as the launcher does
+    # its own session, so that the signal goes to the whole process tree (loader worker included), as the launcher
+    # sends SIGTERM and a terminal's Ctrl-C sends SIGINT
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     deadline = time.monotonic() + 120
@@ -104,10 +131,12 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_continues_bit_exactly(tiny
     while not (metrics.exists() and len(metrics.read_text().splitlines()) > 4):  # header + 4 steps
         assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, signum)
     output = process.communicate(timeout=120)[0]
-    assert process.returncode == PREEMPTED_EXIT_CODE, output
-    assert "stopping after SIGTERM at step" in output and "(saved step" in output
+    assert process.returncode == code, output
+    assert f"stopping after {reason} at step" in output and "(saved step" in output
+    assert ("press Ctrl-C again" in output) == (signum == signal.SIGINT)
+    assert "Traceback" not in output  # the loader's worker too left Ctrl-C to the main process
     stopped_at = load_checkpoint(resume_path(folder, "jepa"))["step"]
     assert 4 <= stopped_at < 24
     rerun = train(tiny_config("--meta.max_steps=24", *STEPS, f"--logging.folder={folder}"))
