@@ -54,7 +54,6 @@ import os
 import platform
 import time
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 import pytest
@@ -215,9 +214,7 @@ def test_loader(benchmark, caplog, tmp_path, case: str, provider: str) -> None:
 
 def _shut_down(load: _Load, data: TrainingData) -> None:
     """Stop the persistent workers and drop DALI's pipeline (its threads) before the next case forks workers."""
-    iterator: Any = load.batches
-    if hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
+    data.stop_workers(load.batches)
     if data.finish.dali is not None:
         data.finish.dali._pipe = None
-    del load.batches, iterator
+    del load.batches

@@ -229,73 +229,77 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                             say=print)
     if profiler.enabled:
         print(f"rank {rank}: {profiler.describe()}" if world > 1 else profiler.describe(), flush=True)
-    # SIGTERM / Ctrl-C handled while the loop runs; the profiler stopped and the handlers restored however it ends
-    for step in guard.watch(profiler.steps(range(start_step, stop))):
-        lr, wd, momentum = schedules.at(step)
-        clip = opt.clip_grad if step // opt.ipe > opt.warmup else None  # the reference clips after warmup epochs
-        log_now = step == start_step or (step + 1) % cfg.logging.log_every == 0 or step == stop - 1
-        feed = MicroBatches(batches, data, device, step, accumulation)
-        out = train_step(models, backend, feed, lr=lr, wd=wd, momentum=momentum, clip_grad=clip,
-                         loss_exp=cfg.loss.loss_exp, dtype=cfg.meta.dtype, keep_features=log_now,
-                         proceed=lambda loss: guard.check(loss, step))
-        window_losses.extend(out.finite_losses)
-        with phase("logging"):  # throughput accounting; on logging steps the host sync, metrics row and line
-            flops = ran_tokens = 0
-            for masks in feed.masks:
-                micro_flops, micro_tokens = micro_batch_cost(cfg, masks, dims)
-                flops, ran_tokens = flops + micro_flops, ran_tokens + micro_tokens
-            window.add(flops, ran_tokens, feed.data_wait)
+    try:
+        # SIGTERM / Ctrl-C handled while the loop runs; the profiler stopped and the handlers restored however it ends
+        for step in guard.watch(profiler.steps(range(start_step, stop))):
+            lr, wd, momentum = schedules.at(step)
+            clip = opt.clip_grad if step // opt.ipe > opt.warmup else None  # the reference clips after warmup epochs
+            log_now = step == start_step or (step + 1) % cfg.logging.log_every == 0 or step == stop - 1
+            feed = MicroBatches(batches, data, device, step, accumulation)
+            out = train_step(models, backend, feed, lr=lr, wd=wd, momentum=momentum, clip_grad=clip,
+                             loss_exp=cfg.loss.loss_exp, dtype=cfg.meta.dtype, keep_features=log_now,
+                             proceed=lambda loss: guard.check(loss, step))
+            window_losses.extend(out.finite_losses)
+            with phase("logging"):  # throughput accounting; on logging steps the host sync, metrics row and line
+                flops = ran_tokens = 0
+                for masks in feed.masks:
+                    micro_flops, micro_tokens = micro_batch_cost(cfg, masks, dims)
+                    flops, ran_tokens = flops + micro_flops, ran_tokens + micro_tokens
+                window.add(flops, ran_tokens, feed.data_wait)
 
-            if log_now:
-                losses = []  # skipped micro-batches do not count (all ranks skip together: windows of equal lengths)
-                if window_losses:
-                    stacked = torch.stack(window_losses)
-                    if use_ds and world > 1:  # the logged loss is the mean over ranks of their batch losses
-                        torch.distributed.all_reduce(stacked)
-                        stacked /= world
-                    losses = stacked.tolist()
-                row: dict[str, Any] = {
-                    "step": step + 1, "epoch": step // opt.ipe,
-                    "loss": sum(losses) / len(losses) if losses else math.nan,
-                    "lr": lr, "wd": wd, "momentum": momentum, "skipped_steps": guard.skipped,
-                    **token_counts(feed.masks, b, num_gen),
-                    **window.row(),
-                    "enc_grad_norm": float(out.grad_norms[0]) if out.grad_norms else 0.0,
-                    "pred_grad_norm": float(out.grad_norms[1]) if out.grad_norms else 0.0,
-                    **collapse_diagnostics(out.target_features, out.predictions),
-                    "elapsed_s": time.perf_counter() - run_start,
-                }
-                if losses:  # a window of skipped micro-batches only has no loss
-                    guard.record(step, row["loss"])
-                    first_loss = row["loss"] if first_loss is None else first_loss
-                    last_loss = logged[step + 1] = row["loss"]
-                if metrics is not None:
-                    metrics.write(row)
-                done = step + 1 - start_step
-                eta = (time.perf_counter() - run_start) / done * (stop - step - 1)
-                tokens = "/".join(f"{row[f'context_tokens_{g}']:.0f}" for g in range(num_gen))
-                say(f"step {step + 1}/{stop} | loss {row['loss']:.4f} | lr {lr:.2e} wd {wd:.3f} m {momentum:.5f} | "
-                    f"ctx tokens/clip {tokens} of {cfg.num_tokens} | {row['samples_per_s']:.1f} clips/s "
-                    f"{row['model_tflops_per_s'] * 1e3:.1f} GFLOP/s{_mfu(row)} | "
-                    f"data wait {row['data_wait_frac']:.0%} | target std {row['target_std_tokens']:.3f} "
-                    f"rank {row['target_rank']:.1f} | eta {_format_eta(eta)}", flush=True)
-                window_losses = []
+                if log_now:
+                    # skipped micro-batches do not count (all ranks skip together: windows of equal lengths)
+                    losses = []
+                    if window_losses:
+                        stacked = torch.stack(window_losses)
+                        if use_ds and world > 1:  # the logged loss is the mean over ranks of their batch losses
+                            torch.distributed.all_reduce(stacked)
+                            stacked /= world
+                        losses = stacked.tolist()
+                    row: dict[str, Any] = {
+                        "step": step + 1, "epoch": step // opt.ipe,
+                        "loss": sum(losses) / len(losses) if losses else math.nan,
+                        "lr": lr, "wd": wd, "momentum": momentum, "skipped_steps": guard.skipped,
+                        **token_counts(feed.masks, b, num_gen),
+                        **window.row(),
+                        "enc_grad_norm": float(out.grad_norms[0]) if out.grad_norms else 0.0,
+                        "pred_grad_norm": float(out.grad_norms[1]) if out.grad_norms else 0.0,
+                        **collapse_diagnostics(out.target_features, out.predictions),
+                        "elapsed_s": time.perf_counter() - run_start,
+                    }
+                    if losses:  # a window of skipped micro-batches only has no loss
+                        guard.record(step, row["loss"])
+                        first_loss = row["loss"] if first_loss is None else first_loss
+                        last_loss = logged[step + 1] = row["loss"]
+                    if metrics is not None:
+                        metrics.write(row)
+                    done = step + 1 - start_step
+                    eta = (time.perf_counter() - run_start) / done * (stop - step - 1)
+                    tokens = "/".join(f"{row[f'context_tokens_{g}']:.0f}" for g in range(num_gen))
+                    say(f"step {step + 1}/{stop} | loss {row['loss']:.4f} | lr {lr:.2e} wd {wd:.3f} m {momentum:.5f} | "
+                        f"ctx tokens/clip {tokens} of {cfg.num_tokens} | {row['samples_per_s']:.1f} clips/s "
+                        f"{row['model_tflops_per_s'] * 1e3:.1f} GFLOP/s{_mfu(row)} | "
+                        f"data wait {row['data_wait_frac']:.0%} | target std {row['target_std_tokens']:.3f} "
+                        f"rank {row['target_rank']:.1f} | eta {_format_eta(eta)}", flush=True)
+                    window_losses = []
 
-        saved = (step + 1) % cfg.logging.checkpoint_every == 0 or step == stop - 1
-        if guard.stop:  # preempted or interrupted: all ranks agreed at this step's check
-            saved = saved or guard.agree_to_save(cfg.meta.preempt_grace_s, last_save_s)
-            preempted = step < stop - 1
-        if saved:
-            with phase("checkpoint"):
-                save_start = time.perf_counter()
-                data.save_probes()
-                _save(cfg, folder, ds_folder, backend, models, step + 1, world, lr, last_loss, use_ds, main)
-                last_save_s = time.perf_counter() - save_start
-        if preempted:
-            where = f"saved step {step + 1}" if saved else "no time to save: the last periodic checkpoint stands"
-            say(f"stopping after {guard.stop_reason} at step {step + 1} ({where}); rerun the same command to "
-                "continue", flush=True)
-            break
+            saved = (step + 1) % cfg.logging.checkpoint_every == 0 or step == stop - 1
+            if guard.stop:  # preempted or interrupted: all ranks agreed at this step's check
+                saved = saved or guard.agree_to_save(cfg.meta.preempt_grace_s, last_save_s)
+                preempted = step < stop - 1
+            if saved:
+                with phase("checkpoint"):
+                    save_start = time.perf_counter()
+                    data.save_probes()
+                    _save(cfg, folder, ds_folder, backend, models, step + 1, world, lr, last_loss, use_ds, main)
+                    last_save_s = time.perf_counter() - save_start
+            if preempted:
+                where = f"saved step {step + 1}" if saved else "no time to save: the last periodic checkpoint stands"
+                say(f"stopping after {guard.stop_reason} at step {step + 1} ({where}); rerun the same command to "
+                    "continue", flush=True)
+                break
+    finally:  # however the loop ends: after an error, exit would otherwise wait forever for the workers
+        data.stop_workers(batches)
 
     steps_run = step + 1 - start_step
     if not preempted:

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         from engine.dry_run import main as dry_run
 
         return dry_run(cfg, args.config)
+    from engine.data.bad_videos import TooManyBadVideos
+    from engine.data.dataset import SampleError
+    from engine.faults import NonFiniteLoss
     from engine.loop import train  # heavy imports only when training
     from engine.process_group import leave_process_group
 
@@ -50,9 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(cfg, local_rank=args.local_rank)
         clean = True
+    except (ConfigError, SampleError, TooManyBadVideos, NonFiniteLoss) as e:  # the message says what to fix
+        config = isinstance(e, ConfigError)
+        print(f"{'config error' if config else 'error'}: {_own_message(e)}", file=sys.stderr)
+        return 2 if config else 1
     finally:
         leave_process_group(clean=clean)
     return summary["exit_code"]  # 143 after SIGTERM, 130 after Ctrl-C (rerun to continue), else 0
+
+
+def _own_message(e: Exception) -> str:
+    """The exception's message without the frame that a loader worker's re-raise puts before it ("Caught X in
+    DataLoader worker process 0. Original Traceback ... X: message")."""
+    text, marker = str(e), f"{type(e).__name__}: "
+    start = text.find("Original Traceback")
+    at = text.find(marker, start) if start >= 0 else -1
+    return text[at + len(marker):] if at >= 0 else text
 
 
 if __name__ == "__main__":

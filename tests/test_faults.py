@@ -142,3 +142,41 @@ def test_a_stop_signal_saves_at_the_next_step_and_the_rerun_continues_bit_exactl
     rerun = train(tiny_config("--meta.max_steps=24", *STEPS, f"--logging.folder={folder}"))
     assert rerun["start_step"] == stopped_at
     assert rerun["losses"] == {s: v for s, v in straight["losses"].items() if s > stopped_at}
+
+
+def _run_to_the_end(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs a training process in its own session; a process still alive after `timeout` (hung) is killed, with its
+    loader workers, and fails the test."""
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output = process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"the run did not exit within {timeout} s:\n{process.communicate()[0][-3000:]}")
+    return subprocess.CompletedProcess(args, process.returncode, output)
+
+
+def test_an_unreadable_dataset_stops_with_one_clear_error(tmp_path):
+    index = tmp_path / "index.csv"
+    index.write_text(f"{tmp_path / 'not_mounted' / 'a.mp4'} 0\n")
+    run = _run_to_the_end([sys.executable, "engine/train.py", "--config", "configs/tiny_synthetic.json",
+                           "--data.synthetic_root=null", f"--data.datasets=[\"{index}\"]", "--data.num_workers=1",
+                           f"--logging.folder={tmp_path / 'run'}"])
+    assert run.returncode == 1, run.stdout
+    assert "error: sample 0: " in run.stdout and "a.mp4: missing: no such file (" in run.stdout
+    assert "Traceback" not in run.stdout and run.stdout.count("a.mp4") == 1  # one line per failing file
+
+
+def test_a_crash_with_loader_workers_running_exits(tmp_path, synthetic_root):
+    # the workers ignore SIGTERM (a preemption's last step needs them), so an error that left them running would
+    # keep the interpreter's exit waiting for them forever
+    crash = ("import sys, engine.step, engine.train\n"
+             "def forward_loss(*args, **kwargs):\n"
+             "    raise RuntimeError('boom in the step')\n"
+             "engine.step.forward_loss = forward_loss\n"
+             "sys.exit(engine.train.main(sys.argv[1:]))\n")
+    run = _run_to_the_end([sys.executable, "-c", crash, "--config", "configs/tiny_synthetic.json",
+                           "--data.synthetic_root=null", f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]",
+                           "--data.num_workers=2", "--data.batch_size=4", f"--logging.folder={tmp_path}"])
+    assert run.returncode == 1 and "RuntimeError: boom in the step" in run.stdout, run.stdout

@@ -145,7 +145,10 @@ class PretrainDataset(torch.utils.data.Dataset):
                     problem = e.reason
             failures.append((path, problem))
             entry = int(retry_rng.integers(len(self)))
-        listed = "\n".join(f"  {p}: {r}" for p, r in failures)
+        tries: dict[tuple[str, str], int] = {}  # the same entry may be drawn again: listed once, with its count
+        for failure in failures:
+            tries[failure] = tries.get(failure, 0) + 1
+        listed = "\n".join(f"  {p}: {r}" + (f" ({n} tries)" if n > 1 else "") for (p, r), n in tries.items())
         raise SampleError(f"sample {global_index}: {len(failures)} index entries in a row failed (is the dataset "
                           f"mounted? check it with `python -m engine.data.inspect INDEX`):\n{listed}")
 

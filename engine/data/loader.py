@@ -179,7 +179,8 @@ def _init_worker(worker_id: int) -> None:
     # Each worker is one of many processes on the host; intra-op threads per worker would oversubscribe the cores.
     torch.set_num_threads(1)
     # The deepspeed launcher sends SIGTERM to the whole process tree, workers included; the training process stops
-    # at a step boundary (engine.faults) and still needs batches until then. Workers die with it.
+    # at a step boundary (engine.faults) and still needs batches until then. Workers die with it, and the loop stops
+    # them itself however it ends (TrainingData.stop_workers): exit's terminate-then-join would wait for them forever.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -12,6 +12,7 @@ Decoder (`data.decoder`):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,14 @@ class TrainingData:
     def save_probes(self) -> None:
         if self.main:
             self.probes.save()
+
+    def stop_workers(self, batches: Iterator[Batch]) -> None:
+        """Stop the loader's worker processes now, however the iteration over `batches` ended. They ignore SIGTERM
+        (they must outlive a preemption's last step, engine/data/loader.py), so after an error the interpreter's
+        exit, which terminates and then joins them, would wait for them forever."""
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator; none in-process
+        if shutdown is not None:
+            shutdown()
 
     def describe(self) -> str:
         cached = len(self.probes)
