@@ -1,10 +1,15 @@
 """Atomic checkpoints of the PyTorch backend, in the reference's top-level layout (spec 4.7, 8.1), and RNG states.
 
-Each save writes `{tag}-step{N:08d}.pth.tar` under a temporary name and renames it into place, then points
+Each save writes `{tag}-step{N:08d}.pth.tar` under a temporary name, flushes it to the disk (fsync: a rename of a file
+whose data is still in the page cache can survive a power loss or node crash as an empty file) and renames it into
+place, then points
 `{tag}-latest.pth.tar` (the reference's name, what resume reads) at it with a hard link (a copy where the file system
 has none), also by rename: a crash at any moment leaves the previous latest checkpoint or the new one, never half of
 one. The newest `logging.keep_last` step files are kept. Keys: encoder, predictor, target_encoder, opt, epoch, loss,
 batch_size, world_size, lr (the reference's), plus step (the next step to run), config and rng.
+
+A rerun resumes from the newest step file that loads: one that does not (a disk error, a copy cut short) is named in a
+warning and passed over for the one before it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +41,10 @@ def save_checkpoint(folder: str | Path, write_tag: str, step: int, state: dict[s
     """Write the checkpoint of `step`, make it the latest, and delete step files beyond the newest `keep_last`."""
     path = step_path(folder, write_tag, step)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
     latest = latest_path(folder, write_tag)
     link = latest.with_name(latest.name + ".tmp")
@@ -45,9 +54,23 @@ def save_checkpoint(folder: str | Path, write_tag: str, step: int, state: dict[s
     except OSError:  # no hard links (some network and object-store mounts)
         shutil.copyfile(path, link)
     os.replace(link, latest)
+    _fsync_dir(Path(folder))  # the renames themselves
     for old in _step_files(folder, write_tag)[:-keep_last]:
         old.unlink()
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a file system that cannot open folders (some network mounts): nothing to flush
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _step_files(folder: str | Path, write_tag: str) -> list[Path]:
@@ -55,16 +78,34 @@ def _step_files(folder: str | Path, write_tag: str) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if pattern.fullmatch(p.name))
 
 
-def resume_path(folder: str | Path, write_tag: str) -> Path | None:
-    """The checkpoint a rerun continues from: the newest step file (complete: renamed into place), which is newer than
-    `latest` if a crash came between the two renames; else `latest` (a folder of the reference's code); else None."""
+class UnreadableCheckpoints(RuntimeError):
+    """Every checkpoint of a run folder failed to load."""
+
+
+def load_resumable(folder: str | Path, write_tag: str,
+                   warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """(path, state) of the newest checkpoint of `folder` that loads: the step files newest first (the newest is newer
+    than `latest` if a crash came between the two renames), else `latest` (a folder of the reference's code); None
+    when there is none. One that does not load is named in `warn` and passed over; UnreadableCheckpoints when none
+    loads."""
     if not Path(folder).is_dir():
         return None
-    steps = _step_files(folder, write_tag)
-    if steps:
-        return steps[-1]
-    latest = latest_path(folder, write_tag)
-    return latest if latest.is_file() else None
+    candidates = [p for p in _step_files(folder, write_tag)[::-1] or [latest_path(folder, write_tag)] if p.is_file()]
+    failed = []
+    for i, path in enumerate(candidates):
+        try:
+            return path, load_checkpoint(path)
+        except Exception as e:  # whatever torch.load meets in a damaged file: zip, unpickler, EOF, I/O errors
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0].split('. ')[0][:160]}"
+            failed.append(f"  {path}: {reason}")
+            if i + 1 < len(candidates):
+                warn(f"warning: checkpoint {path} cannot be read ({reason}); resuming from the one before it. The "
+                     "next save of that step replaces it: move it away now to keep it.")
+    if failed:
+        listed = "\n".join(failed)
+        raise UnreadableCheckpoints(f"no checkpoint in {folder} can be read:\n{listed}\nMove them away to start the "
+                                    "run over, or set logging.folder to a new folder.")
+    return None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -21,9 +21,8 @@ from models import attention
 from .backends import DeepSpeedBackend, TorchBackend
 from .build import build_encoder, build_predictor, encoder_variant
 from . import ds_checkpoint
-from .checkpoint import (load_checkpoint, load_start_weights, resume_path, rng_state, save_checkpoint,
-                         set_rng_state)
-from .config import Config, save_resolved
+from .checkpoint import load_resumable, load_start_weights, rng_state, save_checkpoint, set_rng_state
+from .config import Config, ConfigError, save_resolved
 from .data.loader import Batch
 from .data.pipeline import TrainingData, build_training_data, read_run_index
 from .data.synthetic import SyntheticSpec, ensure_synthetic_dataset
@@ -146,7 +145,10 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
     folder = Path(cfg.logging.folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"logging.folder {folder}: cannot create it ({e.strerror}); choose a writable folder") from e
     if main and cfg.data.synthetic_root:  # generated once, by rank 0, when missing
         ensure_synthetic_dataset(cfg.data.synthetic_root, SyntheticSpec())
     if use_ds and world > 1:
@@ -164,7 +166,9 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     # backend exists: ZeRO-3 partitions them)
     opt = cfg.optimization
     ds_folder = str(folder / "deepspeed")
-    resumable = ds_checkpoint.latest_tag(ds_folder) if use_ds else resume_path(folder, cfg.logging.write_tag)
+    # torch backend: the newest step file that loads (one that does not is named and passed over)
+    resumed = None if use_ds else load_resumable(folder, cfg.logging.write_tag, warn=lambda w: print(w, flush=True))
+    resumable = ds_checkpoint.latest_tag(ds_folder) if use_ds else resumed
     start = None
     if resumable is None and cfg.meta.load_checkpoint:
         start = load_start_weights(cfg.meta.read_checkpoint, encoder, predictor, target_encoder)
@@ -173,8 +177,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     state = None
     if use_ds:
         state = backend.load(ds_folder, target_encoder)
-    elif resumable is not None:
-        state = load_checkpoint(resumable)
+    elif resumed is not None:
+        state = resumed[1]
         backend.load_state_dict(state)
         target_encoder.load_state_dict(state["target_encoder"])
     elif start is not None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import engine.step
-from engine.checkpoint import load_checkpoint, resume_path
+from engine.checkpoint import load_resumable
 from engine.faults import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, NonFiniteLoss, StepGuard
 from engine.loop import train
 
@@ -50,7 +50,7 @@ def test_nonfinite_in_a_row_stop_the_run_with_the_last_finite_loss(tiny_config, 
                                             r"[0-9.]+ at step 2\. The last checkpoint is intact"):
         train(tiny_config("--meta.max_steps=8", "--meta.max_nonfinite_steps=3", "--logging.checkpoint_every=2",
                           *STEPS, f"--logging.folder={tmp_path}/run"))
-    assert load_checkpoint(resume_path(tmp_path / "run", "jepa"))["step"] == 4  # steps 3-4 skipped, saved intact
+    assert load_resumable(tmp_path / "run", "jepa", pytest.fail)[1]["step"] == 4  # steps 3-4 skipped, saved intact
 
 
 def test_a_skipped_step_leaves_the_weights_and_moves_the_ema():
@@ -137,7 +137,7 @@ def test_a_stop_signal_saves_at_the_next_step_and_the_rerun_continues_bit_exactl
     assert f"stopping after {reason} at step" in output and "(saved step" in output
     assert ("press Ctrl-C again" in output) == (signum == signal.SIGINT)
     assert "Traceback" not in output  # the loader's worker too left Ctrl-C to the main process
-    stopped_at = load_checkpoint(resume_path(folder, "jepa"))["step"]
+    stopped_at = load_resumable(folder, "jepa", pytest.fail)[1]["step"]
     assert 4 <= stopped_at < 24
     rerun = train(tiny_config("--meta.max_steps=24", *STEPS, f"--logging.folder={folder}"))
     assert rerun["start_step"] == stopped_at

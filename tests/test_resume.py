@@ -1,5 +1,6 @@
 """Bit-exact resume on the CPU: 16 steps straight == 8 + 8 == killed with SIGKILL mid-run and rerun, in per-step
-losses and in every tensor of the final checkpoint (weights, optimizer state, EMA target); checkpoint rotation."""
+losses and in every tensor of the final checkpoint (weights, optimizer state, EMA target); checkpoint rotation; an
+unreadable newest checkpoint passed over for the one before it."""
 
 import csv
 import signal
@@ -7,9 +8,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-from engine.checkpoint import latest_path, load_checkpoint
+from engine.checkpoint import UnreadableCheckpoints, latest_path, load_checkpoint
 from engine.loop import train
 
 from .conftest import ROOT
@@ -68,3 +70,26 @@ def test_sigkill_mid_run_then_rerun_is_bit_exact(tiny_config, synthetic_root, tm
     assert_same_checkpoint(tmp_path / "a", folder)
     with open(folder / "metrics.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 17))  # no step logged twice
+
+
+def test_an_unreadable_newest_checkpoint_is_named_and_passed_over(tiny_config, tmp_path, capsys):
+    straight = train(tiny_config("--meta.max_steps=16", *STEPS, f"--logging.folder={tmp_path}/a"))
+    folder = tmp_path / "b"
+    train(tiny_config("--meta.max_steps=12", *STEPS, f"--logging.folder={folder}"))
+    newest = folder / "jepa-step00000012.pth.tar"
+    newest.write_bytes(newest.read_bytes()[:100_000])  # cut short in place (latest, its hard link, with it)
+    capsys.readouterr()
+    rerun = train(tiny_config("--meta.max_steps=16", *STEPS, f"--logging.folder={folder}"))
+    assert f"warning: checkpoint {newest} cannot be read" in capsys.readouterr().out
+    assert rerun["start_step"] == 8
+    assert rerun["losses"] == {s: v for s, v in straight["losses"].items() if s > 8}
+    assert_same_checkpoint(tmp_path / "a", folder)  # step 12 written again, whole
+
+
+def test_no_readable_checkpoint_stops_naming_each(tiny_config, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for step in (4, 8):
+        (folder / f"jepa-step{step:08d}.pth.tar").write_bytes(b"not a checkpoint")
+    with pytest.raises(UnreadableCheckpoints, match="(?s)no checkpoint in .* can be read:.*step00000008.*step00000004"):
+        train(tiny_config("--meta.max_steps=12", *STEPS, f"--logging.folder={folder}"))
