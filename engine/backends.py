@@ -341,14 +341,16 @@ class DeepSpeedBackend(Backend):
         return norms[0], norms[1]
 
     def save(self, folder: str, tag: str, client_state: dict[str, Any], keep_last: int, target: nn.Module) -> None:
-        """Collective. DeepSpeed writes `latest` after the tag's files, so a partial tag is never resumed from;
-        rank 0 then deletes all but the newest `keep_last` tags. The EMA target travels in the client state: whole
+        """Collective. `latest` names the tag only once every rank's files of it are flushed to the disk
+        (ds_checkpoint.commit), so a partial tag is never resumed from; rank 0 then deletes all but the newest
+        `keep_last` tags. The EMA target travels in the client state: whole
         at stages 0-2, each rank's partition in its own file under ZeRO-3."""
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
         targets = zero3.target_state(target) if self.stage == 3 else {"target_encoder": target.state_dict()}
         client_state = {**client_state, **targets, UNIVERSAL_CHECKPOINT_INFO: ds_checkpoint.universal_info()}
-        self.engine.save_checkpoint(folder, tag=tag, client_state=client_state)
+        self.engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+        ds_checkpoint.commit(folder, tag, self.engine.global_rank)  # `latest` once every rank's files are on disk
         if self.engine.global_rank == 0:
             ds_checkpoint.prune_tags(folder, keep_last)
 
@@ -365,7 +367,7 @@ class DeepSpeedBackend(Backend):
         return client_state
 
     def _load_engine(self, folder: str) -> dict[str, Any] | None:
-        tag = ds_checkpoint.latest_tag(folder)
+        tag = ds_checkpoint.resume_tag(folder, self.engine.global_rank, warn=lambda w: print(w, flush=True))
         if tag is None:
             return None
         saved = ds_checkpoint.saved_world_size(folder, tag)

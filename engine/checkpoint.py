@@ -28,6 +28,8 @@ from torch import nn
 
 from models.pretrained import CheckpointMismatch, load_strict, strip_wrappers
 
+from .durable import fsync_dir, fsync_file
+
 
 def latest_path(folder: str | Path, write_tag: str) -> Path:
     return Path(folder) / f"{write_tag}-latest.pth.tar"
@@ -53,24 +55,12 @@ def save_checkpoint(folder: str | Path, write_tag: str, step: int, state: dict[s
         os.link(path, link)
     except OSError:  # no hard links (some network and object-store mounts)
         shutil.copyfile(path, link)
+        fsync_file(link)
     os.replace(link, latest)
-    _fsync_dir(Path(folder))  # the renames themselves
+    fsync_dir(folder)  # the renames themselves
     for old in _step_files(folder, write_tag)[:-keep_last]:
         old.unlink()
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a file system that cannot open folders (some network mounts): nothing to flush
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _step_files(folder: str | Path, write_tag: str) -> list[Path]:

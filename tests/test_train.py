@@ -177,3 +177,24 @@ def test_zero3_resume_is_bit_exact_and_needs_the_same_world_size(synthetic_root,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert one_rank.returncode != 0
     assert "written by 2 ranks under ZeRO-3, which resumes only on the same number of ranks" in one_rank.stderr
+
+
+def test_zero2_resume_passes_over_a_tag_with_a_damaged_partition(synthetic_root, tmp_path):
+    """`latest` is published only after every rank's files (ds_checkpoint.commit); a partition damaged later, here
+    rank 1's optimizer state cut short, is found by its own rank, and both ranks resume from the tag before it."""
+    pytest.importorskip("deepspeed")
+    args = ["--config", "configs/tiny_synthetic.json", "--data.synthetic_root=null",
+            f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]", "--data.num_workers=0", "--data.batch_size=2",
+            "--logging.log_every=1", "--logging.checkpoint_every=2", "--meta.backend=deepspeed",
+            '--deepspeed={"zero_optimization": {"stage": 2}}', f"--logging.folder={tmp_path}/run"]
+    _launch(2, [*args, "--meta.max_steps=4"], tmp_path)
+    folder = tmp_path / "run" / "deepspeed"
+    assert (folder / "latest").read_text() == "step4" and not list(folder.glob("*.tmp"))
+    straight = [r["loss"] for r in _rows(tmp_path / "run")]
+    partition = folder / "step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    partition.write_bytes(partition.read_bytes()[:4096])
+    output = _launch(2, [*args, "--meta.max_steps=4"], tmp_path)
+    assert f"warning: DeepSpeed checkpoint {folder / 'step4'} is damaged" in output
+    assert "resuming" in output and "at step 2" in output
+    assert [r["loss"] for r in _rows(tmp_path / "run")] == straight  # steps 3-4 again, as printed
+    assert (folder / "latest").read_text() == "step4" and torch.load(partition, weights_only=False)  # rewritten whole
