@@ -198,3 +198,36 @@ def test_zero2_resume_passes_over_a_tag_with_a_damaged_partition(synthetic_root,
     assert "resuming" in output and "at step 2" in output
     assert [r["loss"] for r in _rows(tmp_path / "run")] == straight  # steps 3-4 again, as printed
     assert (folder / "latest").read_text() == "step4" and torch.load(partition, weights_only=False)  # rewritten whole
+
+
+def test_sigterm_to_one_of_two_ranks_stops_both_at_one_step_and_the_rerun_continues(synthetic_root, tmp_path):
+    """Preemption under DeepSpeed: the signalled rank's flag reaches the other through the step's all-reduce, both
+    stop after the same step, save collectively and exit 143; the rerun continues with the straight run's losses."""
+    pytest.importorskip("deepspeed")
+    import signal
+    import time
+
+    args = ["--config", "configs/tiny_synthetic.json", "--data.synthetic_root=null",
+            f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]", "--data.num_workers=0", "--data.batch_size=2",
+            "--logging.log_every=1", "--logging.checkpoint_every=100", "--meta.max_steps=16",
+            "--meta.backend=deepspeed", '--deepspeed={"zero_optimization": {"stage": 2}}']
+    _launch(2, [*args, f"--logging.folder={tmp_path}/a"], tmp_path)
+    port, folder = str(_free_port()), tmp_path / "b"
+    ranks = [subprocess.Popen([sys.executable, "-c", _DEEPSPEED_RUN, *args, f"--logging.folder={folder}",
+                               f"--local_rank={r}"], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    deadline = time.monotonic() + 120
+    while not ((folder / "metrics.csv").exists() and len(_rows(folder)) >= 3):
+        assert all(p.poll() is None for p in ranks) and time.monotonic() < deadline, "no 3 steps logged in time"
+        time.sleep(0.02)
+    ranks[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=120)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [143, 143], "\n".join(o[-3000:] for o in outputs)
+    assert "stopping after a signal to another rank at step" in outputs[0] and "(saved step" in outputs[0]
+    stopped_at = int((folder / "deepspeed" / "latest").read_text().removeprefix("step"))
+    assert 3 <= stopped_at < 16
+    output = _launch(2, [*args, f"--logging.folder={folder}"], tmp_path)
+    assert f"resuming {folder} at step {stopped_at}" in output
+    assert [r["loss"] for r in _rows(folder)] == [r["loss"] for r in _rows(tmp_path / "a")]  # as printed
