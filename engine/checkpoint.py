@@ -43,10 +43,18 @@ def save_checkpoint(folder: str | Path, write_tag: str, step: int, state: dict[s
     """Write the checkpoint of `step`, make it the latest, and delete step files beyond the newest `keep_last`."""
     path = step_path(folder, write_tag, step)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk, a quota, a lost mount: the part written goes, the last checkpoint stays
+        tmp.unlink(missing_ok=True)
+        previous = _step_files(folder, write_tag)
+        kept = f"the last checkpoint, {previous[-1]}, is intact" if previous else "no checkpoint was written yet"
+        raise CheckpointWriteError(f"writing the checkpoint of step {step} to {path} failed ({e.strerror or e}); "
+                                   f"{kept}. Free space in {Path(folder).resolve()} (this one needs about "
+                                   f"{_state_gb(state):.1f} GB) and rerun the same command to continue.") from e
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
     latest = latest_path(folder, write_tag)
     link = latest.with_name(latest.name + ".tmp")
@@ -61,6 +69,17 @@ def save_checkpoint(folder: str | Path, write_tag: str, step: int, state: dict[s
     for old in _step_files(folder, write_tag)[:-keep_last]:
         old.unlink()
     return path
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+
+def _state_gb(state: Any) -> float:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size() / 1e9
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else ()
+    return sum(_state_gb(v) for v in values)
 
 
 def _step_files(folder: str | Path, write_tag: str) -> list[Path]:

@@ -93,3 +93,25 @@ def test_no_readable_checkpoint_stops_naming_each(tiny_config, tmp_path):
         (folder / f"jepa-step{step:08d}.pth.tar").write_bytes(b"not a checkpoint")
     with pytest.raises(UnreadableCheckpoints, match="(?s)no checkpoint in .* can be read:.*step00000008.*step00000004"):
         train(tiny_config("--meta.max_steps=12", *STEPS, f"--logging.folder={folder}"))
+
+
+def test_a_full_disk_at_a_save_stops_clearly_and_keeps_the_last_checkpoint(tiny_config, tmp_path, monkeypatch):
+    import errno
+
+    import engine.checkpoint
+
+    folder = tmp_path / "run"
+    train(tiny_config("--meta.max_steps=4", *STEPS, f"--logging.folder={folder}"))
+    real_save = torch.save
+
+    def full_disk(state, f):
+        real_save({"part": torch.zeros(1000)}, f)  # a part written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine.checkpoint.torch, "save", full_disk)
+    with pytest.raises(engine.checkpoint.CheckpointWriteError,
+                       match=r"step 8 .* failed \(No space left on device\); the last checkpoint, .*step00000004"
+                             r"\.pth\.tar, is intact\. Free space in .* GB\)"):
+        train(tiny_config("--meta.max_steps=8", *STEPS, f"--logging.folder={folder}"))
+    assert sorted(p.name for p in folder.glob("jepa-*")) == ["jepa-latest.pth.tar", "jepa-step00000004.pth.tar"]
+    assert load_checkpoint(latest_path(folder, "jepa"))["step"] == 4
