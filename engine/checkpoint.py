@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.pretrained import CheckpointMismatch, load_strict, strip_wrappers
+from models.pretrained import (CheckpointMismatch, UnreadableCheckpoint, load_failure, load_strict, read_file,
+                               strip_wrappers)
 
 from .durable import fsync_dir, fsync_file
 
@@ -87,15 +88,11 @@ def _step_files(folder: str | Path, write_tag: str) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if pattern.fullmatch(p.name))
 
 
-class UnreadableCheckpoints(RuntimeError):
-    """Every checkpoint of a run folder failed to load."""
-
-
 def load_resumable(folder: str | Path, write_tag: str,
                    warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
     """(path, state) of the newest checkpoint of `folder` that loads: the step files newest first (the newest is newer
     than `latest` if a crash came between the two renames), else `latest` (a folder of the reference's code); None
-    when there is none. One that does not load is named in `warn` and passed over; UnreadableCheckpoints when none
+    when there is none. One that does not load is named in `warn` and passed over; UnreadableCheckpoint when none
     loads."""
     if not Path(folder).is_dir():
         return None
@@ -104,15 +101,15 @@ def load_resumable(folder: str | Path, write_tag: str,
     for i, path in enumerate(candidates):
         try:
             return path, load_checkpoint(path)
-        except Exception as e:  # whatever torch.load meets in a damaged file: zip, unpickler, EOF, I/O errors
-            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0].split('. ')[0][:160]}"
+        except UnreadableCheckpoint as e:
+            reason = load_failure(e.__cause__ or e)
             failed.append(f"  {path}: {reason}")
             if i + 1 < len(candidates):
                 warn(f"warning: checkpoint {path} cannot be read ({reason}); resuming from the one before it. The "
                      "next save of that step replaces it: move it away now to keep it.")
     if failed:
         listed = "\n".join(failed)
-        raise UnreadableCheckpoints(f"no checkpoint in {folder} can be read:\n{listed}\nMove them away to start the "
+        raise UnreadableCheckpoint(f"no checkpoint in {folder} can be read:\n{listed}\nMove them away to start the "
                                     "run over, or set logging.folder to a new folder.")
     return None
 
@@ -121,7 +118,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (meta.read_checkpoint)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_file(path, weights_only=True)
 
 
 def load_start_weights(path: str | Path, encoder: nn.Module, predictor: nn.Module,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import UnreadableCheckpoints
+from .checkpoint import UnreadableCheckpoint
 from .durable import fsync_file, write_text_atomic
 
 _TAG = re.compile(r"step(\d+)")
@@ -101,7 +101,7 @@ def _opens(tag_dir: Path, rank: int) -> bool:
 
 def resume_tag(folder: str | Path, rank: int, warn: Callable[[str], None]) -> str | None:
     """The tag a rerun resumes from: `latest`, else the newest older tag whose files open on every rank (each damaged
-    one named by rank 0 in `warn`); None without `latest`; UnreadableCheckpoints when none opens. Collective."""
+    one named by rank 0 in `warn`); None without `latest`; UnreadableCheckpoint when none opens. Collective."""
     folder = Path(folder)
     latest = latest_tag(folder)
     if latest is None:
@@ -119,7 +119,7 @@ def resume_tag(folder: str | Path, rank: int, warn: Callable[[str], None]) -> st
             warn(f"warning: DeepSpeed checkpoint {folder / tag} is damaged (a file of it is missing or does not "
                  "open); resuming from the one before it. The next save of that step replaces it: move it away now "
                  "to keep it.")
-    raise UnreadableCheckpoints(f"no DeepSpeed checkpoint in {folder} opens (tags {', '.join(tags)}: a file of each "
+    raise UnreadableCheckpoint(f"no DeepSpeed checkpoint in {folder} opens (tags {', '.join(tags)}: a file of each "
                                 "is missing or damaged). Move them away to start the run over, or set logging.folder "
                                 "to a new folder.")
 

@@ -13,6 +13,7 @@ if __package__ in (None, ""):  # run as a script: the repository on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import ConfigError  # noqa: E402
+from models.pretrained import UnreadableCheckpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_eval(cfg, args.checkpoint, random_init=args.random_init)
         clean = True
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, UnreadableCheckpoint) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

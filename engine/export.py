@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from models.pretrained import add_wrappers, load_strict
+from models.pretrained import add_wrappers, load_strict, read_file
 
 from .build import build_encoder, build_predictor
 from .checkpoint import latest_path, load_checkpoint
@@ -72,7 +72,7 @@ def _deepspeed_weights(ds_folder: Path, cfg: Config) -> tuple[dict[str, dict[str
     tag_folder = ds_folder / tag
     rank_files = sorted(tag_folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"), key=_rank)
     whole_file = tag_folder / "mp_rank_00_model_states.pt"
-    meta = torch.load(rank_files[0] if rank_files else whole_file, map_location="cpu", weights_only=False)
+    meta = read_file(rank_files[0] if rank_files else whole_file, weights_only=False)
     optimizer_files = list(tag_folder.glob("zero_pp_rank_*_optim_states.pt"))
     if optimizer_files:  # ZeRO-1/2/3: fp32 master weights from the optimizer partitions
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -85,7 +85,7 @@ def _deepspeed_weights(ds_folder: Path, cfg: Config) -> tuple[dict[str, dict[str
     if "target_encoder" in meta:
         weights["target_encoder"] = meta["target_encoder"]
     else:  # ZeRO-3: every rank's partitions
-        shards = [torch.load(f, map_location="cpu", weights_only=False)["target_encoder_shards"] for f in rank_files]
+        shards = [read_file(f, weights_only=False)["target_encoder_shards"] for f in rank_files]
         params = {k: p.detach() for k, p in build_encoder(cfg).named_parameters()}  # the order ZeRO-3 saved
         weights["target_encoder"] = _unpartition(params, shards)
     # the frozen position tables are not trained: ZeRO's consolidation may leave them out
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_file(path, weights_only=False)
     params = sum(v.numel() for v in state["target_encoder"].values())
     print(f"wrote {path}: encoder, predictor, target_encoder ({params / 1e6:.2f} M parameters), epoch {state['epoch']}")
     return 0

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         from engine.dry_run import main as dry_run
 
         return dry_run(cfg, args.config)
-    from engine.checkpoint import CheckpointWriteError, UnreadableCheckpoints
+    from engine.checkpoint import CheckpointWriteError, UnreadableCheckpoint
     from engine.data.bad_videos import TooManyBadVideos
     from engine.data.dataset import SampleError
     from engine.faults import NonFiniteLoss
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(cfg, local_rank=args.local_rank)
         clean = True
-    except (ConfigError, SampleError, TooManyBadVideos, NonFiniteLoss, UnreadableCheckpoints,
+    except (ConfigError, SampleError, TooManyBadVideos, NonFiniteLoss, UnreadableCheckpoint,
             CheckpointWriteError) as e:  # the message says what to fix
         config = isinstance(e, ConfigError)
         print(f"{'config error' if config else 'error'}: {_own_message(e)}", file=sys.stderr)

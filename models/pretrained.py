@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +33,28 @@ WRAPPER_PREFIXES = ("module.", "backbone.")
 
 class CheckpointMismatch(ValueError):
     """A checkpoint's keys or shapes do not fit the module built for it."""
+
+
+class UnreadableCheckpoint(ValueError):
+    """A file torch.load cannot read (not a checkpoint, or damaged), or a run folder none of whose checkpoints loads."""
+
+
+def read_file(path: str | Path, *, weights_only: bool, mmap: bool = False) -> Any:
+    """torch.load onto the CPU; a file that does not load is an UnreadableCheckpoint naming it, not a traceback from
+    deep inside torch's unpickler or zip reader."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # zip, unpickler, EOF, I/O: whatever a wrong or damaged file raises
+        raise UnreadableCheckpoint(f"{path} does not load as a checkpoint ({load_failure(e)}); is it one, and whole? "
+                                   "A copy cut short or a disk error damages one.") from e
+
+
+def load_failure(e: BaseException) -> str:
+    """An exception from torch.load in a few words: its type and its message's first sentence."""
+    first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -134,7 +157,7 @@ def read_entries(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = read_file(path, weights_only=False)
     if not isinstance(checkpoint, dict) or not any(e in checkpoint for e in ENTRIES):
         keys = list(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointMismatch(f"{path}: not a V-JEPA pretraining checkpoint (top-level keys {keys}; expected "

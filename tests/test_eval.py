@@ -151,6 +151,11 @@ def test_eval_cli_random_init_and_errors(tiny_run, synthetic_root, tmp_path):
     missing = subprocess.run([*base, "--checkpoint", str(tmp_path / "nope")], cwd=ROOT, capture_output=True,
                              text=True)
     assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
+    cut = tmp_path / "cut.pth.tar"
+    cut.write_bytes((tiny_run / "jepa-latest.pth.tar").read_bytes()[:50_000])  # a copy cut short
+    damaged = subprocess.run([*base, "--checkpoint", str(cut)], cwd=ROOT, capture_output=True, text=True)
+    assert damaged.returncode == 2 and f"error: {cut} does not load as a checkpoint" in damaged.stderr
+    assert "Traceback" not in damaged.stderr
 
 
 def test_image_folder_probe_repeats_each_image_along_time(tiny_run, tmp_path):

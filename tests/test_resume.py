@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from engine.checkpoint import UnreadableCheckpoints, latest_path, load_checkpoint
+from engine.checkpoint import UnreadableCheckpoint, latest_path, load_checkpoint
 from engine.loop import train
 
 from .conftest import ROOT
@@ -91,7 +91,7 @@ def test_no_readable_checkpoint_stops_naming_each(tiny_config, tmp_path):
     folder.mkdir()
     for step in (4, 8):
         (folder / f"jepa-step{step:08d}.pth.tar").write_bytes(b"not a checkpoint")
-    with pytest.raises(UnreadableCheckpoints, match="(?s)no checkpoint in .* can be read:.*step00000008.*step00000004"):
+    with pytest.raises(UnreadableCheckpoint, match="(?s)no checkpoint in .* can be read:.*step00000008.*step00000004"):
         train(tiny_config("--meta.max_steps=12", *STEPS, f"--logging.folder={folder}"))
 
 

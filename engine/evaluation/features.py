@@ -19,7 +19,7 @@ from engine.build import build_encoder, encoder_variant
 from engine.config import Config, ConfigError, config_from_dict
 from engine.step import autocast_context
 from models import VisionTransformer, load_pretrained
-from models.pretrained import load_strict, strip_wrappers
+from models.pretrained import load_strict, read_file, strip_wrappers
 
 from .config import EvalConfig
 
@@ -46,8 +46,7 @@ def load_frozen_encoder(path: Path, run_cfg: Config | None, *, key: str, crop_si
         else:
             from engine.export import export_state
 
-            weights = export_state(path) if path.is_dir() else torch.load(path, map_location="cpu",
-                                                                           weights_only=False)
+            weights = export_state(path) if path.is_dir() else read_file(path, weights_only=False)
             load_strict(encoder, strip_wrappers(weights[key]), where=f"{path} [{key}]")
             source = f"{path} [{key}]"
     elif random_init:
@@ -69,7 +68,7 @@ def checkpoint_config(path: Path) -> Config | None:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (a run folder, an exported file or a released one)")
     # mmap: the config is read without loading the weights
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    state: dict[str, Any] = read_file(path, weights_only=False, mmap=True)
     return config_from_dict(state["config"], str(path)) if isinstance(state.get("config"), dict) else None
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.pretrained import read_file
+
 PROBE_LN_EPS = 1e-5  # nn.LayerNorm's default, which V1's probe uses (the encoder uses 1e-6)
 
 
@@ -109,7 +111,7 @@ def save_probe(path: str | Path, probe: AttentiveProbe, **extra: Any) -> Path:
 
 def load_probe_state(path: str | Path) -> dict[str, torch.Tensor]:
     """A V1 probe file's classifier weights without the `module.` prefix (load them with `load_state_dict`, strict)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_file(path, weights_only=True)
     if "classifier" not in state:
         raise ValueError(f"{path}: not a V1 probe file (top-level keys {list(state)}; expected 'classifier')")
     return {k.removeprefix("module."): v for k, v in state["classifier"].items()}
