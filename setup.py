@@ -12,7 +12,8 @@ setup(
     # triton: the fused kernels (models import them; the CPU path runs their PyTorch references). Linux only: it has
     # no wheels elsewhere, and torch's CUDA wheels already bring a matching one. 3.6 under TRITON_INTERPRET needs
     # numpy<2.4 (see DESIGN.md).
-    install_requires=["torch>=2.4", "numpy<2.4", "av>=12", "triton>=3.6; platform_system == 'Linux'",
+    # av>=17: to_ndarray(threads=...) (engine/data/decode.py pins swscale to one thread)
+    install_requires=["torch>=2.4", "numpy<2.4", "av>=17", "triton>=3.6; platform_system == 'Linux'",
                       "matplotlib>=3.8"],  # engine.plot; its Pillow writes engine.visualize's GIFs
     extras_require={
         # the tests pin triton to what the GPU machine has, so the interpreter and the sm_90 check see its compiler

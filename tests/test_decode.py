@@ -51,3 +51,28 @@ def test_fast_rgb_conversion_is_identical_for_yuv420p(tmp_path, codec):
         for frame in container.decode(container.streams.video[0]):
             assert frame.format.name == "yuv420p"
             np.testing.assert_array_equal(to_rgb(frame), frame.to_ndarray(format="rgb24"))
+
+
+def test_rgb_conversion_starts_no_threads(tmp_path):
+    # swscale's default (threads=0) starts a pool of threads per process. A DataLoader worker forked from a parent
+    # that converted frames inherits that pool's state without its threads, and with PyAV 19 (Python 3.12) its
+    # first conversion waits for them forever; one thread per conversion also keeps to the one-thread-per-worker rule.
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    path = write_video(tmp_path / "a.webm", 6, codec="libvpx-vp9", seed=3)
+    script = ("import os, sys, av\n"
+              "from engine.data.decode import to_rgb\n"
+              "with av.open(sys.argv[1]) as c:\n"
+              "    s = c.streams.video[0]; s.codec_context.thread_count = 1\n"
+              "    frames = list(c.decode(s))\n"
+              "threads = len(os.listdir('/proc/self/task'))\n"
+              "rgb = [to_rgb(f) for f in frames]\n"
+              "print(threads, len(os.listdir('/proc/self/task')))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    before, after = map(int, out.stdout.split())
+    assert after == before

@@ -112,10 +112,14 @@ def _decode(path: str, wanted: set[int], start: _Start | None) -> dict[int, np.n
 def to_rgb(frame: av.VideoFrame) -> np.ndarray:
     """uint8 RGB (H, W, 3) of a decoded frame. For yuv420p (nearly all video) swscale's fast-bilinear flag gives the
     same bytes as its default at half the cost (0.55 vs 1.1 ms a 568x320 frame, measured; the tests check the
-    identity); for other formats (yuv444p, 10-bit) it does not, so they keep the default."""
+    identity); for other formats (yuv444p, 10-bit) it does not, so they keep the default.
+
+    One swscale thread, as the decoder: its default starts a thread pool per process, which a DataLoader worker
+    forked from a parent that converted frames inherits without the threads; with PyAV 19 the worker's first
+    conversion then waits for them forever (seen with Python 3.12, the GPU machine's)."""
     if frame.format.name == "yuv420p":
-        return frame.to_ndarray(format="rgb24", interpolation="FAST_BILINEAR")
-    return frame.to_ndarray(format="rgb24")
+        return frame.to_ndarray(format="rgb24", interpolation="FAST_BILINEAR", threads=1)
+    return frame.to_ndarray(format="rgb24", threads=1)
 
 
 def _video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:

@@ -37,6 +37,7 @@ import av
 import numpy as np
 
 from engine.data.dali_decode import dali_available
+from engine.data.decode import to_rgb
 from engine.data.index import is_image, read_index
 from engine.data.probe import MAX_BYTES, MIN_BYTES, Probe, ProbeTable, bad, probe_file, within_size_limits
 
@@ -70,7 +71,7 @@ def decode_all_pyav(path: str) -> str:
             for last in container.decode(stream):
                 decoded += 1
             if last is not None:
-                last.to_ndarray(format="rgb24")  # the pixel format converts as training will convert it
+                to_rgb(last)  # the pixel format converts as training will convert it
     except av.FFmpegError as e:
         return f"corrupt: {e.strerror or e} after {decoded} frames"
     # Fewer frames than packets is normal (a decoder may drop some); none at all is not.
