@@ -96,6 +96,7 @@ def test_decoder_choice(monkeypatch):
 
 def test_training_with_dali_on_cpu(tiny_config, mixed_index, tmp_path, capsys):
     """The DALI pipeline on DALI's CPU operators (the synthetic set is VP9), images and bad files alongside."""
+    pytest.importorskip("nvidia.dali")  # the `dali` extra; `make test` installs it
     index, bad = mixed_index
     summary = train(tiny_config(f"--data.datasets=[\"{index}\"]", "--meta.max_steps=5", "--data.decoder=dali",
                                 "--data.max_bad_fraction=0.6", f"--logging.folder={tmp_path}/run"))

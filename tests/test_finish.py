@@ -88,6 +88,7 @@ def loaders(index, steps=1):
 
 
 def test_dali_batch_matches_the_pyav_path(index_file):
+    pytest.importorskip("nvidia.dali")  # the `dali` extra; `make test` installs it
     data, encoded, crops = loaders(index_file)
     finish = ClipFinisher(data, torch.device("cpu"), torch.float32, dali_decoder(5))
     batch, reference = next(iter(encoded)), next(iter(crops))
@@ -105,6 +106,7 @@ def test_dali_batch_matches_the_pyav_path(index_file):
 
 
 def test_failed_dali_batch_is_decoded_with_pyav_and_bad_samples_replaced(vp9_index, caplog):
+    pytest.importorskip("nvidia.dali")  # the `dali` extra; `make test` installs it
     data, encoded, crops = loaders(vp9_index)
     batch, reference = next(iter(encoded)), next(iter(crops))
     corrupt = vp9_index.replace("train.csv", "corrupt.webm")
