@@ -107,11 +107,7 @@ def test_two_ranks_of_b_give_the_losses_of_one_rank_of_2b(tiny_config, synthetic
               "--data.num_workers=0", "--meta.max_steps=3", "--logging.log_every=1", "--data.mask_type=random_tube"]
     args = ["--config", "configs/tiny_synthetic.json", *common, "--data.batch_size=2", "--meta.backend=deepspeed",
             f"--logging.folder={tmp_path}/ds"]
-    port = str(_free_port())
-    ranks = [subprocess.Popen([sys.executable, "-c", _DEEPSPEED_RUN, *args, f"--local_rank={r}"], cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(r), "LOCAL_RANK": str(r),
-                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    ranks = _start_ranks(2, args)
     outputs = [p.communicate(timeout=300)[0] for p in ranks]
     assert [p.returncode for p in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "step 1/3" in outputs[0] and "step 1/3" not in outputs[1]  # rank 0 alone logs
@@ -120,24 +116,34 @@ def test_two_ranks_of_b_give_the_losses_of_one_rank_of_2b(tiny_config, synthetic
     assert two == pytest.approx([one["losses"][s] for s in (1, 2, 3)], rel=2e-5)
 
 
-def _launch(world, args, tmp_path):
+def _start_ranks(world, args):
+    """`world` rank processes of the training command, as the deepspeed launcher starts them (gloo on the CPU)."""
     port = str(_free_port())
-    ranks = [subprocess.Popen([sys.executable, "-c", _DEEPSPEED_RUN, *args, f"--local_rank={r}"], cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(r), "LOCAL_RANK": str(r),
-                                   "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    return [subprocess.Popen([sys.executable, "-c", _DEEPSPEED_RUN, *args, f"--local_rank={r}"], cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(r), "LOCAL_RANK": str(r),
+                                  "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+
+
+def _launch(world, args, tmp_path):
+    ranks = _start_ranks(world, args)
     outputs = [p.communicate(timeout=300)[0] for p in ranks]
     assert [p.returncode for p in ranks] == [0] * world, "\n".join(o[-3000:] for o in outputs)
     return outputs[0]
 
 
+def _ds_args(synthetic_root, *extra):
+    """The tiny config on the synthetic set under DeepSpeed: 2 clips per rank, a metrics row every step."""
+    return ["--config", "configs/tiny_synthetic.json", "--data.synthetic_root=null",
+            f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]", "--data.num_workers=0", "--data.batch_size=2",
+            "--logging.log_every=1", "--meta.backend=deepspeed", *extra]
+
+
 def test_zero2_checkpoint_resumes_on_another_world_size(synthetic_root, tmp_path):
     """2 ranks write ZeRO-2 partitions; 1 rank resumes through DeepSpeed's universal format, optimizer state included."""
     pytest.importorskip("deepspeed")
-    args = ["--config", "configs/tiny_synthetic.json", "--data.synthetic_root=null",
-            f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]", "--data.num_workers=0", "--data.batch_size=2",
-            "--logging.log_every=1", "--meta.backend=deepspeed", '--deepspeed={"zero_optimization": {"stage": 2}}',
-            "--logging.keep_last=1", f"--logging.folder={tmp_path}/run"]
+    args = _ds_args(synthetic_root, '--deepspeed={"zero_optimization": {"stage": 2}}', "--logging.keep_last=1",
+                    f"--logging.folder={tmp_path}/run")
     _launch(2, [*args, "--meta.max_steps=2"], tmp_path)
     output = _launch(1, [*args, "--meta.max_steps=3"], tmp_path)
     assert "written by 2 ranks, this run has 1: converting" in output and "resuming" in output
@@ -151,11 +157,9 @@ def test_zero3_resume_is_bit_exact_and_needs_the_same_world_size(synthetic_root,
     """ZeRO-3 partitions the EMA target with the encoder: each rank saves and reloads its own partitions, so 2 + 2
     steps equal 4 straight; another number of ranks is refused with the way out."""
     pytest.importorskip("deepspeed")
-    args = ["--config", "configs/tiny_synthetic.json", "--data.synthetic_root=null",
-            f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]", "--data.num_workers=0", "--data.batch_size=2",
-            "--logging.log_every=1", "--logging.checkpoint_every=2", "--meta.backend=deepspeed",
-            # 0: every parameter partitioned (none kept whole), so the checkpoint holds real partitions
-            '--deepspeed={"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}']
+    args = _ds_args(synthetic_root, "--logging.checkpoint_every=2",
+                    # 0: every parameter partitioned (none kept whole), so the checkpoint holds real partitions
+                    '--deepspeed={"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}')
     _launch(2, [*args, "--meta.max_steps=4", f"--logging.folder={tmp_path}/a"], tmp_path)
     _launch(2, [*args, "--meta.max_steps=2", f"--logging.folder={tmp_path}/b"], tmp_path)
     output = _launch(2, [*args, "--meta.max_steps=4", f"--logging.folder={tmp_path}/b"], tmp_path)
@@ -183,10 +187,8 @@ def test_zero2_resume_passes_over_a_tag_with_a_damaged_partition(synthetic_root,
     """`latest` is published only after every rank's files (ds_checkpoint.commit); a partition damaged later, here
     rank 1's optimizer state cut short, is found by its own rank, and both ranks resume from the tag before it."""
     pytest.importorskip("deepspeed")
-    args = ["--config", "configs/tiny_synthetic.json", "--data.synthetic_root=null",
-            f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]", "--data.num_workers=0", "--data.batch_size=2",
-            "--logging.log_every=1", "--logging.checkpoint_every=2", "--meta.backend=deepspeed",
-            '--deepspeed={"zero_optimization": {"stage": 2}}', f"--logging.folder={tmp_path}/run"]
+    args = _ds_args(synthetic_root, "--logging.checkpoint_every=2", '--deepspeed={"zero_optimization": {"stage": 2}}',
+                    f"--logging.folder={tmp_path}/run")
     _launch(2, [*args, "--meta.max_steps=4"], tmp_path)
     folder = tmp_path / "run" / "deepspeed"
     assert (folder / "latest").read_text() == "step4" and not list(folder.glob("*.tmp"))
@@ -207,17 +209,11 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_one_step_and_the_rerun_contin
     import signal
     import time
 
-    args = ["--config", "configs/tiny_synthetic.json", "--data.synthetic_root=null",
-            f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]", "--data.num_workers=0", "--data.batch_size=2",
-            "--logging.log_every=1", "--logging.checkpoint_every=100", "--meta.max_steps=16",
-            "--meta.backend=deepspeed", '--deepspeed={"zero_optimization": {"stage": 2}}']
+    args = _ds_args(synthetic_root, "--logging.checkpoint_every=100", "--meta.max_steps=16",
+                    '--deepspeed={"zero_optimization": {"stage": 2}}')
     _launch(2, [*args, f"--logging.folder={tmp_path}/a"], tmp_path)
-    port, folder = str(_free_port()), tmp_path / "b"
-    ranks = [subprocess.Popen([sys.executable, "-c", _DEEPSPEED_RUN, *args, f"--logging.folder={folder}",
-                               f"--local_rank={r}"], cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(r), "LOCAL_RANK": str(r),
-                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    folder = tmp_path / "b"
+    ranks = _start_ranks(2, [*args, f"--logging.folder={folder}"])
     deadline = time.monotonic() + 120
     while not ((folder / "metrics.csv").exists() and len(_rows(folder)) >= 3):
         assert all(p.poll() is None for p in ranks) and time.monotonic() < deadline, "no 3 steps logged in time"
