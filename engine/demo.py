@@ -6,6 +6,7 @@ say why the probes come out as they do. Overrides apply to the pretraining confi
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,8 +26,12 @@ def _probe(task: str, folder: Path, random_init: bool) -> dict:
     from engine.evaluation.runner import run_eval
 
     name = "random" if random_init else "pretrained"
+    out = folder / "eval" / task / name
+    # probed afresh on every demo run: an earlier demo's probes may belong to other weights (its pretraining went on
+    # since, or ran with other overrides), which the evaluation would refuse to continue
+    shutil.rmtree(out, ignore_errors=True)
     cfg = load_eval_config(ROOT / "configs" / "eval" / f"synthetic_{task}.json",
-                           [f"--logging.folder={folder / 'eval' / task / name}", f"--data.splits={PROBE_SEEDS}"])
+                           [f"--logging.folder={out}", f"--data.splits={PROBE_SEEDS}"])
     print(f"\n== probe: {task}, {name} encoder ==", flush=True)
     return run_eval(cfg, str(folder), random_init=random_init)
 

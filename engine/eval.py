@@ -1,7 +1,8 @@
 """Entry point: `python engine/eval.py --config configs/eval/X.json --checkpoint RUN_FOLDER_OR_FILE
 [--random-init] [--section.key=value ...]`: attentive probes on the frozen encoder, results.json in logging.folder.
 Several GPUs: `deepspeed --num_gpus N engine/eval.py ...` (or torchrun): the clips are split over the ranks and the probe's
-gradients averaged, data.batch_size per rank, as V1's batch per GPU."""
+gradients averaged, data.batch_size per rank, as V1's batch per GPU. SIGTERM or Ctrl-C saves the probe at the next
+batch and exits with 143 / 130; the same command continues it (engine/evaluation/resume.py)."""
 
 from __future__ import annotations
 
@@ -28,18 +29,25 @@ def main(argv: list[str] | None = None) -> int:
                         "(the process group is read from its environment)")
     args, overrides = parser.parse_known_args(argv)
     from engine.evaluation.config import load_eval_config
+    from engine.evaluation.runner import Stopped, run_eval
+    from engine.faults import INTERRUPTED_EXIT_CODE
     from engine.process_group import leave_process_group
 
     clean = False
     try:
         cfg = load_eval_config(args.config, overrides)
-        from engine.evaluation.runner import run_eval
-
         run_eval(cfg, args.checkpoint, random_init=args.random_init)
         clean = True
     except (ConfigError, FileNotFoundError, UnreadableCheckpoint) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGTERM or Ctrl-C, the probe saved: the same command continues
+        clean = True
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the probe's training (loading, the feature cache), or a second one
+        print("interrupted: the probe files saved so far stand; the same command continues from them",
+              file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     finally:
         leave_process_group(clean=clean)
     return 0

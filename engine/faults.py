@@ -109,6 +109,18 @@ class StepGuard:
                                 f"or resume from it with another seed.")
         return False
 
+    def poll(self, due: bool = False) -> tuple[bool, bool]:
+        """(stop, save) for a loop without a loss check (the frozen evaluation's probe steps): whether some rank was
+        signalled, and whether some rank's `due` is set (a timed save that every rank must join, as their clocks
+        differ). One all-reduce of two flags when distributed; no device work otherwise."""
+        flags = [float(self.stop_requested_at is not None), float(due)]
+        if self.distributed:
+            reduced = torch.tensor(flags, device=self.device)
+            torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+            flags = reduced.tolist()
+        self.stop = self.stop or bool(flags[0])
+        return self.stop, bool(flags[1])
+
     def record(self, step: int, loss: float) -> None:
         """The host value of a finite loss, for the message above (called at logging steps: no extra sync)."""
         if math.isfinite(loss):

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.checkpoint import CheckpointWriteError, UnreadableCheckpoint
     from engine.data.bad_videos import TooManyBadVideos
     from engine.data.dataset import SampleError
-    from engine.faults import NonFiniteLoss
+    from engine.faults import INTERRUPTED_EXIT_CODE, NonFiniteLoss
     from engine.loop import train  # heavy imports only when training
     from engine.process_group import leave_process_group
 
@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         config = isinstance(e, ConfigError)
         print(f"{'config error' if config else 'error'}: {_own_message(e)}", file=sys.stderr)
         return 2 if config else 1
+    except KeyboardInterrupt:  # Ctrl-C before the first step, or a second one
+        print("interrupted: stopped at once; the last checkpoint stands and the same command continues from it",
+              file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     finally:
         leave_process_group(clean=clean)
     return summary["exit_code"]  # 143 after SIGTERM, 130 after Ctrl-C (rerun to continue), else 0

@@ -1,5 +1,6 @@
 """Evaluation on several ranks: the work split (every training entry in its global batch, every validation entry
-once), and 2 gloo ranks of batch b training the probe that one rank of batch 2b trains, with and without the cache."""
+once), and 2 gloo ranks of batch b training the probe that one rank of batch 2b trains, with and without the cache,
+also when they continue a probe that one rank began."""
 
 import json
 import os
@@ -40,11 +41,15 @@ def _port() -> str:
         return str(s.getsockname()[1])
 
 
-def _eval(world, folder, tiny_run, synthetic_root, *extra):
-    args = [sys.executable, "engine/eval.py", "--config", "configs/eval/synthetic_motion.json", "--checkpoint",
-            str(tiny_run), "--data.synthetic_root=null", f"--data.train=[\"{synthetic_root}/motion_train.csv\"]",
+def _overrides(world, folder, synthetic_root, *extra):
+    return ["--data.synthetic_root=null", f"--data.train=[\"{synthetic_root}/motion_train.csv\"]",
             f"--data.val=[\"{synthetic_root}/motion_val.csv\"]", "--data.num_workers=0", "--optimization.epochs=2",
             f"--data.batch_size={8 // world}", f"--logging.folder={folder}", *extra]
+
+
+def _eval(world, folder, tiny_run, synthetic_root, *extra):
+    args = [sys.executable, "engine/eval.py", "--config", "configs/eval/synthetic_motion.json", "--checkpoint",
+            str(tiny_run), *_overrides(world, folder, synthetic_root, *extra)]
     port = _port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
@@ -77,3 +82,35 @@ def test_entry_points_leave_the_process_group(tmp_path, clean):
     leave_process_group(clean=clean)
     assert not dist.is_initialized()
     leave_process_group(clean=clean)  # no group: nothing to do
+
+
+def test_two_ranks_continue_the_probe_one_rank_began(tiny_run, synthetic_root, tmp_path, monkeypatch):
+    # the same global batch (1 x 8, 2 x 4) is the same evaluation, so a probe stopped on one rank continues on two;
+    # the epoch's partial sums, kept summed over ranks, go on from rank 0
+    from engine.evaluation import runner
+    from engine.evaluation.config import load_eval_config
+    from engine.evaluation.probe import save_probe
+
+    def run_one(folder, *extra):
+        cfg = load_eval_config(ROOT / "configs" / "eval" / "synthetic_motion.json",
+                               _overrides(1, folder, synthetic_root, "--meta.cache_features=false", *extra))
+        return runner.run_eval(cfg, str(tiny_run), say=lambda *a: None)
+
+    straight = run_one(tmp_path / "one")
+    saves = []
+
+    def save_then_crash(*args, **kwargs):
+        saves.append(save_probe(*args, **kwargs))
+        if len(saves) == 2:  # epoch 1, 2 of its 3 global batches done
+            raise SystemError("node lost")
+
+    monkeypatch.setattr(runner, "save_probe", save_then_crash)
+    with pytest.raises(SystemError):
+        run_one(tmp_path / "two", "--logging.checkpoint_every_s=1e-9")
+    monkeypatch.undo()
+    two, outputs = _eval(2, tmp_path / "two", tiny_run, synthetic_root, "--meta.cache_features=false",
+                         "--logging.checkpoint_every_s=1e-9")
+    assert "continuing at epoch 1, batch 2" in outputs[0]
+    for a, b in zip(straight["history"][0], two["history"][0], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["train_top1"] == a["train_top1"] and b["val_top1"] == a["val_top1"]

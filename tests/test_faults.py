@@ -144,6 +144,27 @@ def test_a_stop_signal_saves_at_the_next_step_and_the_rerun_continues_bit_exactl
     assert rerun["losses"] == {s: v for s, v in straight["losses"].items() if s > stopped_at}
 
 
+def test_a_second_ctrl_c_stops_at_once_with_one_line(synthetic_root, tmp_path):
+    # steps of 16 clips (a few hundred ms here): the second Ctrl-C comes while the step the first one lets finish runs
+    args = [sys.executable, str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.json"),
+            "--data.synthetic_root=null", f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]",
+            "--data.num_workers=1", "--meta.max_steps=400", *STEPS, f"--logging.folder={tmp_path / 'run'}"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step 2/"):
+            os.killpg(process.pid, signal.SIGINT)
+        elif "press Ctrl-C again" in line:  # the first one was handled: the second stops at once
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    output = "".join(lines) + process.communicate(timeout=120)[0]
+    assert process.returncode == INTERRUPTED_EXIT_CODE, output
+    assert "interrupted: stopped at once; the last checkpoint stands" in output and "stopping after Ctrl-C at step" not in output
+    assert "Traceback" not in output
+
+
 def _run_to_the_end(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     """Runs a training process in its own session; a process still alive after `timeout` (hung) is killed, with its
     loader workers, and fails the test."""

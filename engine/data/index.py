@@ -90,7 +90,7 @@ def read_index(index_files: Sequence[str], weights: Sequence[float] | None = Non
     sizes: list[int] = []
     for index_path in index_files:
         if not Path(index_path).is_file():
-            raise FileNotFoundError(f"index file not found: {index_path} (data.datasets lists index files with "
+            raise FileNotFoundError(f"index file not found: {index_path} (an index file lists "
                                     f"'<video path> <label>' per line)")
         read = _read_npy if index_path.endswith(".npy") else _read_csv
         file_paths, file_labels = read(index_path)

@@ -175,7 +175,8 @@ def make_collate(make_masks: Callable[[int, int, int], Any], global_batch_size: 
     return _Collate(make_masks, global_batch_size, num_clips, micro_stride or global_batch_size)
 
 
-def _init_worker(worker_id: int) -> None:
+def init_worker(worker_id: int) -> None:
+    """A loader worker's set-up (training's, and evaluation's: engine/evaluation/runner.py)."""
     # Each worker is one of many processes on the host; intra-op threads per worker would oversubscribe the cores.
     torch.set_num_threads(1)
     # The deepspeed launcher sends SIGTERM to the whole process tree, workers included; the training process stops
@@ -201,4 +202,4 @@ def build_loader(dataset: PretrainDataset, *, global_batch_size: int, rank: int,
         # restores from the checkpoint, so the RNG state would depend on where the run was resumed.
         generator=torch.Generator().manual_seed(0),
         # Two batches in flight per worker keep the queue full without holding many decoded batches in memory.
-        prefetch_factor=2 if workers else None, worker_init_fn=_init_worker if workers else None)
+        prefetch_factor=2 if workers else None, worker_init_fn=init_worker if workers else None)

@@ -10,6 +10,7 @@ weights round-trip; the optimizer still holds it, as V1's does (its gradient is 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.durable import fsync_dir
 from models.pretrained import read_file
 
 PROBE_LN_EPS = 1e-5  # nn.LayerNorm's default, which V1's probe uses (the encoder uses 1e-6)
@@ -101,11 +103,16 @@ class AttentiveProbe(nn.Module):
 
 def save_probe(path: str | Path, probe: AttentiveProbe, **extra: Any) -> Path:
     """V1's probe file (spec 8.2): `classifier` keys under DDP's `module.`, plus `extra` (opt, epoch, ...);
-    written under a temporary name and renamed."""
+    written under a temporary name, flushed to the disk and renamed (engine/durable.py: a node crash leaves the old
+    file or the new one)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"classifier": {f"module.{k}": v for k, v in probe.state_dict().items()}, **extra}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save({"classifier": {f"module.{k}": v for k, v in probe.state_dict().items()}, **extra}, f)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
+    fsync_dir(path.parent)
     return path
 
 

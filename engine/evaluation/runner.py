@@ -4,8 +4,10 @@ Per split (one, or `data.splits` class-balanced label-efficiency subsets): a fre
 AdamW over V1's two parameter groups (weights decayed, biases and 1-D not), lr cosine from `lr` to `final_lr` and wd
 cosine from `weight_decay` to `final_weight_decay` over epochs x iterations, the probe's gradient clipped at 1.0,
 cross-entropy averaged over the training views. Validation after every epoch: softmax averaged over the V views,
-top-1 over every validation entry exactly once. The probe is saved after every epoch in V1's layout
-(`probe-split{k}.pth.tar`, spec 8.2), atomically. Under a launcher with several ranks the work is split as
+top-1 over every validation entry exactly once. The probe is saved in V1's layout (`probe-split{k}.pth.tar`, spec
+8.2), atomically, after every epoch, every `logging.checkpoint_every_s` inside one and when SIGTERM or Ctrl-C stops
+the run; rerunning the same command continues each probe bit for bit where it stands (engine/evaluation/resume.py)
+and only writes results.json again when every probe is trained. Under a launcher with several ranks the work is split as
 engine/evaluation/distributed.py describes, and W ranks of batch b train the probe one rank of W*b trains.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,9 @@ import torch.nn.functional as F
 from engine.backends import param_groups
 from engine.config import ConfigError
 from engine.data.index import VideoIndex, read_index
+from engine.data.loader import init_worker
+from engine.durable import write_text_atomic
+from engine.faults import StepGuard
 from engine.schedules import cosine_wd, warmup_cosine_lr
 
 from .config import EvalConfig
@@ -33,6 +37,7 @@ from .data import EvalClips, balanced_subset, image_folder
 from .distributed import Ranks, init_ranks
 from .features import encode_views, frozen_encoder
 from .probe import AttentiveProbe, save_probe
+from .resume import Progress, fingerprint, read_progress
 
 
 def _index(files: list[str], num_classes: int, key: str) -> VideoIndex:
@@ -97,38 +102,82 @@ class FeatureSource:
     def _encoded(self, batches: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
         if not batches:
             return
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
-                                             pin_memory=self.device.type == "cuda")
-        for clips, y, entries in loader:
-            features = encode_views(self.encoder, clips.to(self.device, non_blocking=True),
-                                    dtype=self.cfg.meta.dtype, clips_per_forward=self.cfg.meta.clips_per_forward)
-            yield features, y.to(self.device), entries.tolist()
+        workers = self.cfg.data.num_workers
+        # the workers ignore SIGTERM and SIGINT (the probe's training stops at a batch boundary, engine/faults.py), so
+        # they are stopped here however the iteration ends: the interpreter's exit would terminate, then join them,
+        # forever (engine/data/pipeline.py)
+        batches_out = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=workers,
+                                                       pin_memory=self.device.type == "cuda",
+                                                       worker_init_fn=init_worker if workers else None))
+        try:
+            for clips, y, entries in batches_out:
+                features = encode_views(self.encoder, clips.to(self.device, non_blocking=True),
+                                        dtype=self.cfg.meta.dtype, clips_per_forward=self.cfg.meta.clips_per_forward)
+                yield features, y.to(self.device), entries.tolist()
+        finally:
+            shutdown = getattr(batches_out, "_shutdown_workers", None)  # torch's multi-process iterator only
+            if shutdown is not None:
+                shutdown()
+
+
+class Stopped(Exception):
+    """The run stopped on SIGTERM or Ctrl-C with the probe saved; `exit_code` is 143 or 130."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def probe_path(folder: Path, split: int) -> Path:
+    return folder / f"probe-split{split}.pth.tar"
 
 
 def train_probe(cfg: EvalConfig, features: FeatureSource, val_features: FeatureSource, train: list[int],
-                val: list[int], *, split: int, dim: int, heads: int, folder: Path,
-                say: Any) -> list[dict[str, float]]:
-    """Train one probe on the `train` entries; its per-epoch history (train loss and accuracy, validation top-1)."""
+                val: list[int], *, split: int, dim: int, heads: int, folder: Path, progress: Progress,
+                saved: dict[str, Any] | None, guard: StepGuard, say: Any) -> list[dict[str, float]]:
+    """Train one probe on the `train` entries from where `progress` stands (`saved`: its probe file's content, None
+    for a fresh start); its per-epoch history (train loss and accuracy, validation top-1). Raises Stopped after
+    saving when `guard` was signalled."""
     o, d, ranks = cfg.optimization, cfg.data, features.ranks
     torch.manual_seed(cfg.meta.seed * 1000 + split)  # the same initial probe on every rank
     probe = AttentiveProbe(dim, heads, d.num_classes).to(features.device)
     groups = param_groups(probe, torch.nn.Module())[::2]  # V1: weights (decayed), then biases and 1-D (not)
     opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
+    if saved is not None:
+        probe.load_state_dict({k.removeprefix("module."): v for k, v in saved["classifier"].items()})
+        opt.load_state_dict(saved["opt"])
     ipe = math.ceil(len(train) / (d.batch_size * ranks.world))
     total, warmup = o.epochs * ipe, int(o.warmup * ipe)
-    history = []
-    step = 0
-    for epoch in range(o.epochs):
+
+    def schedule(step: int) -> tuple[float, float]:
+        return (warmup_cosine_lr(step, start_lr=o.start_lr, ref_lr=o.lr, final_lr=o.final_lr, warmup_steps=warmup,
+                                 total_steps=total),
+                cosine_wd(step, ref_wd=o.weight_decay, final_wd=o.final_weight_decay, total_steps=total))
+
+    path = probe_path(folder, split)
+
+    def save() -> None:
+        if ranks.main:
+            save_probe(path, probe, opt=opt.state_dict(), epoch=progress.epoch, batch_size=d.batch_size,
+                       world_size=ranks.world, lr=schedule(progress.step)[0], progress=progress.to_dict())
+
+    def stopped(where: str) -> Stopped:
+        say(f"stopping after {guard.stop_reason} at split {split} {where}; probe saved to {path}: rerun the same "
+            f"command to continue")
+        return Stopped(f"stopped by {guard.stop_reason}", guard.exit_code)
+
+    last_save = time.monotonic()
+    for epoch in range(progress.epoch, o.epochs):
         start = time.perf_counter()
         features.dataset.set_epoch(epoch)
         probe.train()
-        loss_sum = correct = seen = 0.0
+        # the epoch's sums so far are summed over ranks in the record: rank 0 carries them on
+        loss_sum, correct, seen = progress.sums if ranks.main else (0.0, 0.0, 0.0)
         order = np.random.default_rng([cfg.meta.seed, split, epoch]).permutation(len(train))
-        for x, y in features.batches(ranks.train_slices([train[int(i)] for i in order], d.batch_size)):
-            step += 1
-            lr = warmup_cosine_lr(step, start_lr=o.start_lr, ref_lr=o.lr, final_lr=o.final_lr, warmup_steps=warmup,
-                                  total_steps=total)
-            wd = cosine_wd(step, ref_wd=o.weight_decay, final_wd=o.final_weight_decay, total_steps=total)
+        slices = ranks.train_slices([train[int(i)] for i in order], d.batch_size)
+        for done, (x, y) in enumerate(features.batches(slices[progress.batch:]), start=progress.batch + 1):
+            progress.step += 1
+            lr, wd = schedule(progress.step)
             for group in opt.param_groups:
                 group["lr"] = lr
                 group["weight_decay"] = wd if not group.get("WD_exclude") else 0.0
@@ -142,28 +191,46 @@ def train_probe(cfg: EvalConfig, features: FeatureSource, val_features: FeatureS
             loss_sum += loss.item() * len(y)
             correct += float((logits[0].argmax(1) == y).sum())
             seen += len(y)
+            stop, due = guard.poll(time.monotonic() - last_save >= cfg.logging.checkpoint_every_s)
+            if stop or due:
+                progress.batch, progress.sums = done, ranks.sum(loss_sum, correct, seen)
+                save()
+                last_save = time.monotonic()
+            if stop:
+                raise stopped(f"epoch {epoch + 1} batch {done}/{len(slices)}")
+        top1 = evaluate(probe, val_features, val, guard)
         loss_sum, correct, seen = ranks.sum(loss_sum, correct, seen)
-        top1 = evaluate(probe, val_features, val)
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
-                        "val_top1": top1, "lr": lr, "wd": wd, "seconds": time.perf_counter() - start})
-        if ranks.main:
-            save_probe(folder / f"probe-split{split}.pth.tar", probe, opt=opt.state_dict(), epoch=epoch + 1,
-                       batch_size=d.batch_size, world_size=ranks.world, lr=lr)
+        if top1 is None:  # stopped while validating: the epoch's training is kept, its validation runs again
+            progress.batch, progress.sums = len(slices), [loss_sum, correct, seen]
+            save()
+            raise stopped(f"epoch {epoch + 1}, validating")
+        lr, wd = schedule(progress.step)
+        progress.history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
+                                 "val_top1": top1, "lr": lr, "wd": wd, "seconds": time.perf_counter() - start})
+        progress.epoch, progress.batch, progress.sums = epoch + 1, 0, [0.0, 0.0, 0.0]
+        progress.complete = progress.epoch == o.epochs
+        save()
+        last_save = time.monotonic()
         say(f"split {split} epoch {epoch + 1}/{o.epochs} | train loss {loss_sum / seen:.4f} "
             f"acc {100 * correct / seen:.1f}% | val top-1 {top1:.2f}% | {time.perf_counter() - start:.1f} s")
-    return history
+    return progress.history
 
 
 @torch.no_grad()
-def evaluate(probe: AttentiveProbe, features: FeatureSource, val: list[int]) -> float:
-    """Top-1 (%) of the softmax averaged over the views, every validation entry once (over all ranks)."""
+def evaluate(probe: AttentiveProbe, features: FeatureSource, val: list[int], guard: StepGuard) -> float | None:
+    """Top-1 (%) of the softmax averaged over the views, every validation entry once (over all ranks); None when
+    `guard` was signalled meanwhile (a large validation set takes minutes: longer than a preemption's grace)."""
     probe.eval()
+    ranks, b = features.ranks, features.cfg.data.batch_size
+    polls = math.ceil(len(val) // ranks.world / b)  # the batch count of the smallest share: every rank polls as often
     correct = seen = 0
-    for x, y in features.batches(_batches(features.ranks.val_share(val), features.cfg.data.batch_size)):
+    for i, (x, y) in enumerate(features.batches(_batches(ranks.val_share(val), b))):
         probs = torch.stack([probe(x[:, v].float()).softmax(-1) for v in range(x.shape[1])]).mean(0)
         correct += int((probs.argmax(1) == y).sum())
         seen += len(y)
-    correct, seen = features.ranks.sum(correct, seen)
+        if i < polls and guard.poll()[0]:
+            return None
+    correct, seen = ranks.sum(correct, seen)
     return 100.0 * correct / seen
 
 
@@ -199,16 +266,29 @@ def run_eval(cfg: EvalConfig, checkpoint: str, *, random_init: bool = False, say
     chosen = [(balanced_subset(train_index.labels, fraction=d.train_fraction, per_class=d.train_per_class,
                                seed=cfg.meta.seed, split=k) if efficient else np.arange(len(train_set))).tolist()
               for k in range(d.splits)]
-    if cfg.meta.cache_features:
+    expected = fingerprint(cfg, encoder, ranks.world)
+    found = [read_progress(probe_path(folder, k), expected) for k in range(d.splits)]
+    todo = [k for k in range(d.splits) if found[k] is None or not found[k][0].complete]
+    if cfg.meta.cache_features and todo:
         start = time.perf_counter()
-        train_features.fill(sorted({e for c in chosen for e in c}))
+        train_features.fill(sorted({e for k in todo for e in chosen[k]}))
         val_features.fill(val)
         say(f"feature cache: {len(train_features.cache)} train + {len(val_features.cache)} val entries encoded in "
             f"{time.perf_counter() - start:.1f} s")
+    # SIGTERM and Ctrl-C stop the probe's training at the next batch, saved (engine/faults.py); while the cache is
+    # filled they act at once, as nothing there would be kept
+    guard = StepGuard(distributed=ranks.world > 1, max_nonfinite=1, device=ranks.device, announce=ranks.main)
     splits, histories = [], []
-    for k in range(d.splits):
-        history = train_probe(cfg, train_features, val_features, chosen[k], val, split=k,
-                              dim=encoder.embed_dim, heads=heads, folder=folder, say=say)
+    for k in guard.watch(range(d.splits)):
+        progress, saved = found[k] if found[k] is not None else (Progress(expected), None)
+        if progress.complete:
+            say(f"split {k}: trained already ({probe_path(folder, k)})")
+        elif saved is not None:
+            say(f"split {k}: continuing at epoch {progress.epoch + 1}, batch {progress.batch} "
+                f"({probe_path(folder, k)})")
+        history = progress.history if progress.complete else train_probe(
+            cfg, train_features, val_features, chosen[k], val, split=k, dim=encoder.embed_dim, heads=heads,
+            folder=folder, progress=progress, saved=saved, guard=guard, say=say)
         histories.append(history)
         splits.append({"split": k, "train_samples": len(chosen[k]), "top1": history[-1]["val_top1"]})
     top1 = [s["top1"] for s in splits]
@@ -219,13 +299,11 @@ def run_eval(cfg: EvalConfig, checkpoint: str, *, random_init: bool = False, say
         "protocol": {"frames": d.frames_per_clip, "segments": d.num_segments, "views": d.num_views,
                      "frame_step": d.frame_step, "crop_size": d.crop_size},
         "history": histories, "checkpoint": source, "random_init": random_init,
-        "probe_checkpoints": [str(folder / f"probe-split{k}.pth.tar") for k in range(d.splits)],
+        "probe_checkpoints": [str(probe_path(folder, k)) for k in range(d.splits)],
         "deviations": _deviations(cfg), "config": cfg.to_dict(),
     }
     if ranks.main:
-        tmp = folder / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, folder / "results.json")
+        write_text_atomic(folder / "results.json", json.dumps(results, indent=2))
     say(f"top-1 {results['top1']:.2f}%" + (f" +- {results['top1_std']:.2f} over {d.splits} splits"
                                            if d.splits > 1 else "") + f"; {folder / 'results.json'}")
     return results
