@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher "
                         "(the process group is read from its environment)")
     args, overrides = parser.parse_known_args(argv)
+    from engine.checkpoint import CheckpointWriteError
+    from engine.data.bad_videos import TooManyBadVideos
+    from engine.data.dataset import SampleError
+    from engine.data.loader import own_message
     from engine.evaluation.config import load_eval_config
     from engine.evaluation.runner import Stopped, run_eval
     from engine.faults import INTERRUPTED_EXIT_CODE
@@ -41,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, UnreadableCheckpoint) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (SampleError, TooManyBadVideos, CheckpointWriteError) as e:  # the message says what to fix
+        print(f"error: {own_message(e)}", file=sys.stderr)
+        return 1
     except Stopped as e:  # SIGTERM or Ctrl-C, the probe saved: the same command continues
         clean = True
         return e.exit_code

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.checkpoint import CheckpointWriteError, UnreadableCheckpoint
     from engine.data.bad_videos import TooManyBadVideos
     from engine.data.dataset import SampleError
+    from engine.data.loader import own_message
     from engine.faults import INTERRUPTED_EXIT_CODE, NonFiniteLoss
     from engine.loop import train  # heavy imports only when training
     from engine.process_group import leave_process_group
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SampleError, TooManyBadVideos, NonFiniteLoss, UnreadableCheckpoint,
             CheckpointWriteError) as e:  # the message says what to fix
         config = isinstance(e, ConfigError)
-        print(f"{'config error' if config else 'error'}: {_own_message(e)}", file=sys.stderr)
+        print(f"{'config error' if config else 'error'}: {own_message(e)}", file=sys.stderr)
         return 2 if config else 1
     except KeyboardInterrupt:  # Ctrl-C before the first step, or a second one
         print("interrupted: stopped at once; the last checkpoint stands and the same command continues from it",
@@ -66,15 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         leave_process_group(clean=clean)
     return summary["exit_code"]  # 143 after SIGTERM, 130 after Ctrl-C (rerun to continue), else 0
-
-
-def _own_message(e: Exception) -> str:
-    """The exception's message without the frame that a loader worker's re-raise puts before it ("Caught X in
-    DataLoader worker process 0. Original Traceback ... X: message")."""
-    text, marker = str(e), f"{type(e).__name__}: "
-    start = text.find("Original Traceback")
-    at = text.find(marker, start) if start >= 0 else -1
-    return text[at + len(marker):] if at >= 0 else text
 
 
 if __name__ == "__main__":

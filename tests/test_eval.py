@@ -158,6 +158,38 @@ def test_eval_cli_random_init_and_errors(tiny_run, synthetic_root, tmp_path):
     assert "Traceback" not in damaged.stderr
 
 
+def test_bad_videos_are_replaced_reported_and_too_many_stop_the_run(tiny_run, synthetic_root, tmp_path):
+    from engine.data.bad_videos import TooManyBadVideos
+    from engine.evaluation.runner import run_eval
+
+    (tmp_path / "corrupt.webm").write_bytes(b"\x1aE\xdf\xa3" + bytes(range(256)) * 8)
+    index = tmp_path / "train.csv"
+    index.write_text((synthetic_root / "appearance_train.csv").read_text() + f"{tmp_path / 'corrupt.webm'} 1\n"
+                     f"{tmp_path / 'missing.webm'} 2\n")
+    cfg = _eval_config(synthetic_root, tmp_path / "out", f"--data.train=[\"{index}\"]",
+                       "--data.max_bad_fraction=0.2")
+    results = run_eval(cfg, str(tiny_run), say=lambda *a: None)
+    assert sorted(results["bad_videos"]) == [str(tmp_path / "corrupt.webm"), str(tmp_path / "missing.webm")]
+    assert "missing" in results["bad_videos"][str(tmp_path / "missing.webm")]
+    assert any("2 bad index entries (bad_videos) were replaced" in d for d in results["deviations"])
+    plain = run_eval(_eval_config(synthetic_root, tmp_path / "plain", f"--data.train=[\"{index}\"]",
+                                  "--data.max_bad_fraction=0.2", "--meta.cache_features=false"), str(tiny_run),
+                     say=lambda *a: None)
+    for a, b in zip(results["history"][0], plain["history"][0], strict=True):  # the cache keeps the replacements' labels
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6) and a["train_top1"] == b["train_top1"]
+    rows = (tmp_path / "out" / "bad_videos.csv").read_text().splitlines()
+    assert rows[0] == "path,reason,epoch" and len(rows) == 3
+    run = subprocess.run([sys.executable, "engine/eval.py", "--config", "configs/eval/synthetic_appearance.json",
+                          "--checkpoint", str(tiny_run), "--data.synthetic_root=null", f"--data.train=[\"{index}\"]",
+                          f"--data.val=[\"{synthetic_root}/appearance_val.csv\"]", "--data.num_workers=1",
+                          "--data.max_bad_fraction=0.01", f"--logging.folder={tmp_path / 'strict'}"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "error: 2 of " in run.stderr and "data.max_bad_fraction = 1.0%" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert TooManyBadVideos.__name__ not in run.stderr.splitlines()[-1]
+
+
 def test_image_folder_probe_repeats_each_image_along_time(tiny_run, tmp_path):
     """Spec 6.5: ImageFolder-style data, every image a clip of F copies of itself."""
     from engine.evaluation.runner import run_eval

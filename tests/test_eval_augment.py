@@ -344,9 +344,9 @@ def test_eval_clips_training_items_with_augmentation(media):
     aug = EvalAugConfig()  # V1's recipe: RandAugment, AutoAugment for images, random erasing 0.25
     ds = EvalClips([video, image], [0, 1], data, aug, training=True, seed=0)
     for i in (0, 1):
-        clips, label, index = ds[i]
+        clips, label, index, failures = ds[i]
         assert clips.shape == (2, 1, 3, 8, 32, 32) and clips.dtype == torch.float32 and torch.isfinite(clips).all()
-        assert (label, index) == (i, i)
+        assert (label, index, failures) == (i, i, "")
         assert torch.equal(ds[i][0], clips)  # a pure function of (seed, epoch, entry)
         ds.set_epoch(1)
         assert not torch.equal(ds[i][0], clips)
@@ -354,3 +354,24 @@ def test_eval_clips_training_items_with_augmentation(media):
     assert (ds[1][0] == ds[1][0][:, :, :, :1]).all()  # an image: every frame the same
     val = EvalClips([video, image], [0, 1], data, aug, training=False, seed=0)
     assert val[0][0].shape == (2, 3, 3, 8, 32, 32) and val[1][0].shape == (2, 3, 3, 8, 32, 32)
+
+
+def test_a_bad_entry_is_replaced_by_another_and_reported(media, tmp_path):
+    video, image = media
+    (tmp_path / "corrupt.webm").write_bytes(b"\x1aE\xdf\xa3" + bytes(range(256)) * 8)
+    paths = [video, str(tmp_path / "missing.webm"), str(tmp_path / "corrupt.webm"), image]
+    data = EvalDataConfig(train=["x"], val=["y"], num_classes=4, frames_per_clip=8, num_segments=1, num_views=1,
+                          frame_step=2, crop_size=32)
+    ds = EvalClips(paths, [0, 1, 2, 3], data, EvalAugConfig(enabled=False), training=True, seed=0)
+    for i in (1, 2):
+        clips, label, index, failures = ds[i]
+        assert index == i and label in (0, 3)  # the replacement's own label, as V1 returns it
+        assert torch.equal(clips, ds[[0, 0, 0, 3][label]][0])  # and the replacement's own clip
+        lines = failures.split("\n")
+        assert lines[0].startswith(f"{paths[i]}\t") and all(line.split("\t")[0] in paths[1:3] for line in lines)
+    assert "missing" in ds[1][3].split("\n")[0]
+    from engine.data.dataset import SampleError
+
+    broken = EvalClips(paths[1:3], [1, 2], data, EvalAugConfig(enabled=False), training=True, seed=0)
+    with pytest.raises(SampleError, match="11 index entries in a row failed"):
+        broken[0]

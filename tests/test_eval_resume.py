@@ -2,6 +2,7 @@
 bit (weights, optimizer state, history), never continues another evaluation's probe, and a finished one is not
 trained again."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -138,12 +139,41 @@ def test_another_evaluations_probe_is_never_continued(tiny_run, synthetic_root, 
     _run(synthetic_root, tiny_run, folder)
     with pytest.raises(ConfigError, match=r"data_aug\.reprob: absent there \(an older version: 0\.25\), 0\.1 now"):
         _run(synthetic_root, tiny_run, folder, "--data_aug.reprob=0.1")
+    index = tmp_path / "train.csv"  # the same index file, edited between runs
+    index.write_text((synthetic_root / "appearance_train.csv").read_text())
+    _run(synthetic_root, tiny_run, tmp_path / "edited", f"--data.train=[\"{index}\"]", "--optimization.epochs=1")
+    index.write_text("".join((synthetic_root / "appearance_train.csv").read_text().splitlines(True)[1:]))
+    with pytest.raises(ConfigError, match=r"training entries \(digest\)"):
+        _run(synthetic_root, tiny_run, tmp_path / "edited", f"--data.train=[\"{index}\"]", "--optimization.epochs=1")
     v1 = tmp_path / "v1"
     v1.mkdir()
     probe = AttentiveProbe(96, 3, 4)
     save_probe(v1 / "probe-split0.pth.tar", probe, epoch=1)  # V1's file: no record of where its training stands
     with pytest.raises(ConfigError, match="without a record of its training"):
         _run(synthetic_root, tiny_run, v1)
+
+
+def test_a_failed_probe_save_keeps_the_last_file(tiny_run, synthetic_root, tmp_path, monkeypatch):
+    import engine.evaluation.probe
+
+    from engine.checkpoint import CheckpointWriteError
+
+    real_save = torch.save
+    calls = []
+
+    def full_disk_at_the_second(state, f):
+        calls.append(1)
+        if len(calls) == 2:
+            real_save({"part": torch.zeros(100)}, f)  # a part written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(state, f)
+
+    monkeypatch.setattr(engine.evaluation.probe.torch, "save", full_disk_at_the_second)
+    with pytest.raises(CheckpointWriteError, match=r"probe file .*probe-split0\.pth\.tar failed \(No space left on "
+                                                   r"device\); the last one, .* is intact\. Free space in"):
+        _run(synthetic_root, tiny_run, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe-split0.pth.tar"]  # no partial file left
+    assert torch.load(tmp_path / "probe-split0.pth.tar", weights_only=True)["progress"]["epoch"] == 1
 
 
 @pytest.mark.parametrize("signum,code,reason", [(signal.SIGTERM, PREEMPTED_EXIT_CODE, "SIGTERM"),

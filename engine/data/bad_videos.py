@@ -22,11 +22,13 @@ class TooManyBadVideos(RuntimeError):
 
 
 class BadVideoReport:
-    def __init__(self, folder: str | Path, rank: int, max_fraction: float, min_attempts: int = 100):
+    def __init__(self, folder: str | Path, rank: int, max_fraction: float, min_attempts: int = 100,
+                 position: str = "step"):
         name = "bad_videos.csv" if rank == 0 else f"bad_videos_rank{rank}.csv"
         self.path = Path(folder) / name
         self.max_fraction = max_fraction
         self.min_attempts = min_attempts
+        self.position = position  # what `update`'s step counts (the evaluation's: epochs), the CSV's third column
         self.reasons: dict[str, str] = {}  # every bad path met in this run (or an earlier part of it)
         self.failed_attempts = 0
         self.attempts = 0
@@ -35,7 +37,8 @@ class BadVideoReport:
                 self.reasons = {row["path"]: row["reason"] for row in csv.DictReader(f)}
 
     def update(self, failures: list[tuple[str, str]], samples: int, step: int) -> None:
-        """Account for one batch: `samples` samples loaded, after `failures` replaced entries (path, reason)."""
+        """Account for one batch of `step`: `samples` samples loaded, after `failures` replaced entries (path,
+        reason)."""
         self.failed_attempts += len(failures)
         self.attempts += samples + len(failures)
         new = {path: reason for path, reason in failures if path not in self.reasons}
@@ -44,7 +47,7 @@ class BadVideoReport:
             with open(self.path, "a", newline="") as f:
                 writer = csv.writer(f)
                 if fresh_file:
-                    writer.writerow(["path", "reason", "step"])
+                    writer.writerow(["path", "reason", self.position])
                 writer.writerows([path, reason, step] for path, reason in new.items())
             for path, reason in new.items():
                 logger.warning("bad video skipped (another sample replaces it): %s: %s", path, reason)

@@ -203,3 +203,12 @@ def build_loader(dataset: PretrainDataset, *, global_batch_size: int, rank: int,
         generator=torch.Generator().manual_seed(0),
         # Two batches in flight per worker keep the queue full without holding many decoded batches in memory.
         prefetch_factor=2 if workers else None, worker_init_fn=init_worker if workers else None)
+
+
+def own_message(e: Exception) -> str:
+    """The exception's message without the frame that a loader worker's re-raise puts before it ("Caught X in
+    DataLoader worker process 0. Original Traceback ... X: message")."""
+    text, marker = str(e), f"{type(e).__name__}: "
+    start = text.find("Original Traceback")
+    at = text.find(marker, start) if start >= 0 else -1
+    return text[at + len(marker):] if at >= 0 else text

@@ -26,6 +26,8 @@ class EvalDataConfig:
     batch_size: int = 4  # per GPU
     num_workers: int = 8
     synthetic_root: str | None = None  # (ours) generate the synthetic dataset here when missing (the demo's probes)
+    # (ours) stop when more of the entries opened are bad (missing, corrupt, ...); fewer are replaced, as V1 does
+    max_bad_fraction: float = 0.05
     # label efficiency (ours; spec 6.6): each of `splits` probes trains on its own class-balanced subset (disjoint
     # across splits); without a fraction or count, `splits` probes with different seeds on the whole training set
     train_fraction: float | None = None  # e.g. 0.05 / 0.1 / 0.5 of each class
@@ -106,6 +108,7 @@ def load_eval_config(path: str | Path | None = None, overrides: Sequence[str] = 
         (d.train_fraction is None or d.train_per_class is None, "set at most one of data.train_fraction and "
                                                                  "data.train_per_class"),
         (d.splits >= 1, "data.splits must be >= 1"),
+        (0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]"),
         (0 <= aug.reprob <= 1, "data_aug.reprob (random erasing probability) must be in [0, 1]"),
         (0 <= aug.image_hflip_prob <= 1, "data_aug.image_hflip_prob must be in [0, 1]"),
         (len(aug.random_resize_scale) == 2 and 0 < aug.random_resize_scale[0] <= aug.random_resize_scale[1] <= 1,

@@ -5,7 +5,8 @@ draws segment positions and augmentations (`views.train_view` for videos, `augme
 from a generator seeded by (seed, epoch, entry); validation is deterministic (the first span of each partition: V1
 draws them at random there too, spec 6.3, which makes its accuracy noisy for long videos) and reads every entry
 exactly once. With `data_aug.enabled=false` training is deterministic as well, one view per segment through the
-one-view evaluation transform, which is what lets features be cached.
+one-view evaluation transform, which is what lets features be cached. A bad entry (missing, corrupt) is replaced by
+another, always the same one (`EvalClips.__getitem__`), and reported by the runner.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.data.dataset import SampleError
 from engine.data.decode import VideoDecodeError, decode_frames
 from engine.data.index import is_image
 from engine.data.probe import probe_file
@@ -26,9 +28,12 @@ from .augment import image_train_clip
 from .config import EvalAugConfig, EvalDataConfig
 from .views import eval_views, train_view
 
+MAX_RETRIES = 10  # replacements tried for a bad entry before the sample fails (the pretraining dataset's count)
+_RETRY = 7  # tags the replacement draws' generator apart from the clip's
+
 
 class EvalClips(torch.utils.data.Dataset):
-    """Entry i -> (clips (S, V, 3, F, crop, crop) float32, label, i)."""
+    """Entry i -> (clips (S, V, 3, F, crop, crop) float32, label, i, failures)."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], data: EvalDataConfig, aug: EvalAugConfig, *,
                  training: bool, seed: int) -> None:
@@ -52,7 +57,25 @@ class EvalClips(torch.utils.data.Dataset):
             self._frames[i] = probe.frames
         return self._frames[i]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, str]:
+        """(clips, label, i, failures): a bad entry (missing, corrupt, ...) is replaced by another one drawn from a
+        generator seeded by (seed, i), with that entry's own clips and label, as V1 replaces it by a random one (ours
+        is the same one every epoch, so cached features stay what encoding again would give); `failures` lists the
+        entries that failed as "path<TAB>reason" lines, for the report (engine/data/bad_videos.py)."""
+        retry = np.random.default_rng([self.seed, i, _RETRY])
+        failures, entry = [], i
+        for _ in range(MAX_RETRIES + 1):
+            try:
+                return self._clips(entry), self.labels[entry], i, "\n".join(failures)
+            except VideoDecodeError as e:
+                failures.append(f"{e.path}\t{e.reason}")
+                entry = int(retry.integers(len(self)))
+        listed = "\n".join(f"  {line.replace(chr(9), ': ')}" for line in dict.fromkeys(failures))
+        raise SampleError(f"entry {i}: {len(failures)} index entries in a row failed (is the dataset mounted? check "
+                          f"it with `python -m engine.data.inspect INDEX`):\n{listed}")
+
+    def _clips(self, i: int) -> torch.Tensor:
+        """Entry i's (S, V, 3, F, crop, crop) clips; raises VideoDecodeError for a bad file."""
         d = self.data
         augment = self.training and self.aug.enabled
         rng = np.random.default_rng([self.seed, self.epoch, i])
@@ -76,7 +99,7 @@ class EvalClips(torch.utils.data.Dataset):
                                            reprob=a.reprob))
             else:  # training without augmentation: one view, as V1 trains
                 segments.append(eval_views(clip, d.crop_size, 1 if self.training else d.num_views))
-        return torch.stack(segments), self.labels[i], i
+        return torch.stack(segments)
 
 
 def image_folder(root: str | Path) -> tuple[list[str], list[int]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,15 @@ class Ranks:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def merge(self, mine: dict[Any, Any]) -> dict[Any, Any]:
+        """The union of every rank's map of plain values (the bad entries each rank met, the labels of the entries
+        it encoded), in sorted key order."""
+        if self.world == 1:
+            return dict(sorted(mine.items()))
+        every: list[dict[Any, Any] | None] = [None] * self.world
+        dist.all_gather_object(every, mine)
+        return dict(sorted((k, v) for part in every for k, v in (part or {}).items()))
 
     def gather_features(self, mine: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Every rank's {entry: features}; features share one shape. Shares differ by at most one entry, so they

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.checkpoint import CheckpointWriteError
 from engine.durable import fsync_dir
 from models.pretrained import read_file
 
@@ -107,10 +108,16 @@ def save_probe(path: str | Path, probe: AttentiveProbe, **extra: Any) -> Path:
     file or the new one)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"classifier": {f"module.{k}": v for k, v in probe.state_dict().items()}, **extra}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"classifier": {f"module.{k}": v for k, v in probe.state_dict().items()}, **extra}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk, a quota, a lost mount: the part written goes, the last file stays
+        tmp.unlink(missing_ok=True)
+        kept = f"the last one, {path}, is intact" if path.is_file() else "none was written yet"
+        raise CheckpointWriteError(f"writing the probe file {path} failed ({e.strerror or e}); {kept}. Free space "
+                                   f"in {path.parent.resolve()} and rerun the same command to continue.") from e
     tmp.replace(path)
     fsync_dir(path.parent)
     return path

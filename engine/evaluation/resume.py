@@ -10,8 +10,8 @@ so skipping the batches already done continues the run bit for bit.
 
 The record also holds a fingerprint of what the numbers depend on: the config (all but where files go, the worker
 count and the inference chunk size), the global batch (W ranks of b train the probe of one rank of W*b, so a resume
-may change W with it) and a digest of the frozen encoder's weights (a run folder's weights change when its
-pretraining goes on). A probe file whose fingerprint differs is never continued: the run stops and names what
+may change W with it), a digest of the frozen encoder's weights (a run folder's weights change when its pretraining
+goes on) and digests of the entries the index files list (an index may be edited between runs). A probe file whose fingerprint differs is never continued: the run stops and names what
 differs, so a folder of one experiment is not silently mixed into another's results.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from engine.config import ConfigError
+from engine.data.index import VideoIndex
 from models.pretrained import read_file
 
 from .config import EvalConfig
@@ -69,9 +70,19 @@ def _flat(cfg: EvalConfig) -> dict[str, Any]:
             if f"{section}.{key}" not in _NOT_FINGERPRINTED}
 
 
-def fingerprint(cfg: EvalConfig, encoder: torch.nn.Module, world_size: int) -> dict[str, Any]:
+def entries_digest(index: VideoIndex) -> str:
+    """A digest of an index's entries (paths and labels, in order): the same index files may list others later."""
+    h = hashlib.sha256()
+    for path, label in zip(index.paths, index.labels):
+        h.update(f"{path}\t{label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(cfg: EvalConfig, encoder: torch.nn.Module, world_size: int, train: VideoIndex,
+                val: VideoIndex) -> dict[str, Any]:
     return {**_flat(cfg), "global batch (ranks x data.batch_size)": world_size * cfg.data.batch_size,
-            "encoder weights (digest)": encoder_digest(encoder)}
+            "encoder weights (digest)": encoder_digest(encoder),
+            "training entries (digest)": entries_digest(train), "validation entries (digest)": entries_digest(val)}
 
 
 def read_progress(path: Path, expected: dict[str, Any]) -> tuple[Progress, dict[str, Any]] | None:

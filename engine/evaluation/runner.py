@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from engine.backends import param_groups
 from engine.config import ConfigError
+from engine.data.bad_videos import BadVideoReport
 from engine.data.index import VideoIndex, read_index
 from engine.data.loader import init_worker
 from engine.durable import write_text_atomic
@@ -68,9 +69,11 @@ class FeatureSource:
     encoded once, a 1/W share on each rank, all-gathered, and then read from host memory."""
 
     def __init__(self, encoder: torch.nn.Module, dataset: EvalClips, cfg: EvalConfig, ranks: Ranks,
-                 cache: bool) -> None:
-        self.encoder, self.dataset, self.cfg, self.ranks = encoder, dataset, cfg, ranks
+                 cache: bool, report: BadVideoReport) -> None:
+        self.encoder, self.dataset, self.cfg, self.ranks, self.report = encoder, dataset, cfg, ranks, report
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+        # the label that came with each cached entry: a bad entry's replacement brings its own (EvalClips)
+        self.cached_labels: dict[int, int] = {}
 
     @property
     def device(self) -> torch.device:
@@ -81,22 +84,24 @@ class FeatureSource:
         if self.cache is None:
             return
         missing = self.ranks.val_share(sorted(set(entries) - set(self.cache)))
-        mine = {}
-        for features, _, batch in self._encoded(_batches(missing, self.cfg.data.batch_size)):
+        mine, labels = {}, {}
+        for features, y, batch in self._encoded(_batches(missing, self.cfg.data.batch_size)):
             mine.update(zip(batch, features.cpu()))
+            labels.update(zip(batch, y.tolist()))
         self.cache.update(self.ranks.gather_features(mine))
+        self.cached_labels.update(self.ranks.merge(labels))
 
     def batches(self, batches: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(features (B, V, S*N, D) on the device, labels (B,)) per batch of entries."""
-        labels = self.dataset.labels
         if self.cache is not None and all(e in self.cache for batch in batches for e in batch):
             for batch in batches:
                 yield (torch.stack([self.cache[e] for e in batch]).to(self.device),
-                       torch.tensor([labels[e] for e in batch], device=self.device))
+                       torch.tensor([self.cached_labels[e] for e in batch], device=self.device))
             return
         for features, y, batch in self._encoded(batches):
             if self.cache is not None:
                 self.cache.update(zip(batch, features.cpu()))
+                self.cached_labels.update(zip(batch, y.tolist()))
             yield features, y
 
     def _encoded(self, batches: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
@@ -110,7 +115,10 @@ class FeatureSource:
                                                        pin_memory=self.device.type == "cuda",
                                                        worker_init_fn=init_worker if workers else None))
         try:
-            for clips, y, entries in batches_out:
+            for clips, y, entries, failures in batches_out:
+                # bad entries were replaced in the workers; reported here, and too many stop the run
+                bad = [tuple(line.split("\t", 1)) for text in failures if text for line in text.split("\n")]
+                self.report.update(bad, samples=len(entries), step=self.dataset.epoch + 1)
                 features = encode_views(self.encoder, clips.to(self.device, non_blocking=True),
                                         dtype=self.cfg.meta.dtype, clips_per_forward=self.cfg.meta.clips_per_forward)
                 yield features, y.to(self.device), entries.tolist()
@@ -250,14 +258,16 @@ def run_eval(cfg: EvalConfig, checkpoint: str, *, random_init: bool = False, say
     encoder, source = frozen_encoder(checkpoint, cfg, random_init=random_init)
     encoder.to(ranks.device)
     folder = Path(cfg.logging.folder)
-    if ranks.main:
-        folder.mkdir(parents=True, exist_ok=True)
     train_set = EvalClips(train_index.paths, train_index.labels, d, cfg.data_aug, training=True, seed=cfg.meta.seed)
     val_set = EvalClips(val_index.paths, val_index.labels, d, cfg.data_aug, training=False, seed=cfg.meta.seed)
     val = list(range(len(val_set)))
     # the cache is shared by every split: they read subsets of the same deterministic training clips
-    train_features = FeatureSource(encoder, train_set, cfg, ranks, cache=cfg.meta.cache_features)
-    val_features = FeatureSource(encoder, val_set, cfg, ranks, cache=cfg.meta.cache_features)
+    # one report of bad entries for both sets, kept in the folder (a rerun warns only of new ones)
+    folder.mkdir(parents=True, exist_ok=True)
+    report = BadVideoReport(folder, ranks.rank, d.max_bad_fraction, min_attempts=min(100, len(train_set)),
+                            position="epoch")
+    train_features = FeatureSource(encoder, train_set, cfg, ranks, cache=cfg.meta.cache_features, report=report)
+    val_features = FeatureSource(encoder, val_set, cfg, ranks, cache=cfg.meta.cache_features, report=report)
     heads = cfg.model.probe_heads or encoder.num_heads
     say(f"probing {source}: {len(train_set)} train / {len(val_set)} val entries, {d.num_classes} classes, "
         f"{d.frames_per_clip}x{d.num_segments}x{d.num_views} (frames x segments x views), {encoder.num_tokens} "
@@ -266,7 +276,7 @@ def run_eval(cfg: EvalConfig, checkpoint: str, *, random_init: bool = False, say
     chosen = [(balanced_subset(train_index.labels, fraction=d.train_fraction, per_class=d.train_per_class,
                                seed=cfg.meta.seed, split=k) if efficient else np.arange(len(train_set))).tolist()
               for k in range(d.splits)]
-    expected = fingerprint(cfg, encoder, ranks.world)
+    expected = fingerprint(cfg, encoder, ranks.world, train_index, val_index)
     found = [read_progress(probe_path(folder, k), expected) for k in range(d.splits)]
     todo = [k for k in range(d.splits) if found[k] is None or not found[k][0].complete]
     if cfg.meta.cache_features and todo:
@@ -292,6 +302,7 @@ def run_eval(cfg: EvalConfig, checkpoint: str, *, random_init: bool = False, say
         histories.append(history)
         splits.append({"split": k, "train_samples": len(chosen[k]), "top1": history[-1]["val_top1"]})
     top1 = [s["top1"] for s in splits]
+    bad = ranks.merge(report.reasons)
     results = {
         "top1": float(np.mean(top1)), "top1_std": float(np.std(top1)), "splits": splits,
         "num_classes": d.num_classes,
@@ -300,7 +311,7 @@ def run_eval(cfg: EvalConfig, checkpoint: str, *, random_init: bool = False, say
                      "frame_step": d.frame_step, "crop_size": d.crop_size},
         "history": histories, "checkpoint": source, "random_init": random_init,
         "probe_checkpoints": [str(probe_path(folder, k)) for k in range(d.splits)],
-        "deviations": _deviations(cfg), "config": cfg.to_dict(),
+        "bad_videos": bad, "deviations": _deviations(cfg, len(bad)), "config": cfg.to_dict(),
     }
     if ranks.main:
         write_text_atomic(folder / "results.json", json.dumps(results, indent=2))
@@ -313,9 +324,14 @@ def _silent(*_: Any) -> None:
     pass
 
 
-def _deviations(cfg: EvalConfig) -> list[str]:
-    """What this run does differently from V1's recipe (spec 6.3-6.4), for the record."""
+def _deviations(cfg: EvalConfig, bad_videos: int) -> list[str]:
+    """What this run does differently from V1's recipe (spec 6.3-6.4), or from an exact measurement, for the
+    record."""
     aug, out = cfg.data_aug, []
+    if bad_videos:
+        out.append(f"{bad_videos} bad index entries (bad_videos) were replaced by other entries, as V1 does, in "
+                   f"training and validation: top-1 counts the replacements; remove them from the index (python -m "
+                   f"engine.data.inspect INDEX --bad-list FILE lists them) for the exact figure")
     if not aug.enabled:
         out.append("no training augmentation: one centre view, first-span segments (data_aug.enabled=false)")
     else:
