@@ -23,11 +23,12 @@ from .build import build_encoder, build_predictor, encoder_variant
 from . import ds_checkpoint
 from .checkpoint import load_resumable, load_start_weights, rng_state, save_checkpoint, set_rng_state
 from .config import Config, ConfigError, save_resolved
-from .data.loader import Batch
+from .data.loader import Batch, start_workers
 from .data.pipeline import TrainingData, build_training_data, read_run_index
 from .data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from .faults import StepGuard
 from .flops import TransformerDims, step_flops
+from .progress import format_duration
 from .metrics import MetricsCSV, collapse_diagnostics
 from .packed_masks import MaskMaker, StepMasks
 from .profiling import StepProfiler, phase
@@ -59,11 +60,6 @@ def flop_dims(cfg: Config) -> tuple[TransformerDims, TransformerDims, int]:
     v, m, d = encoder_variant(cfg), cfg.model, cfg.data
     pred = TransformerDims(m.pred_embed_dim, m.pred_depth, int(m.pred_embed_dim * 4))
     return TransformerDims(v.dim, v.depth, v.mlp_hidden), pred, 3 * d.tubelet_size * d.patch_size ** 2
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _mfu(row: dict[str, Any]) -> str:
@@ -228,7 +224,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                       announce=main)
     last_save_s: float | None = None
     preempted = False
-    batches = iter(data.loader)
+    with start_workers():  # a SIGTERM meanwhile must not kill a worker still starting
+        batches = iter(data.loader)
     profiler = StepProfiler(cfg.meta.profile_steps, folder, available=stop - start_step, device=device, rank=rank,
                             say=print)
     if profiler.enabled:
@@ -284,7 +281,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                         f"ctx tokens/clip {tokens} of {cfg.num_tokens} | {row['samples_per_s']:.1f} clips/s "
                         f"{row['model_tflops_per_s'] * 1e3:.1f} GFLOP/s{_mfu(row)} | "
                         f"data wait {row['data_wait_frac']:.0%} | target std {row['target_std_tokens']:.3f} "
-                        f"rank {row['target_rank']:.1f} | eta {_format_eta(eta)}", flush=True)
+                        f"rank {row['target_rank']:.1f} | eta {format_duration(eta)}", flush=True)
                     window_losses = []
 
             saved = (step + 1) % cfg.logging.checkpoint_every == 0 or step == stop - 1
@@ -307,7 +304,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
 
     steps_run = step + 1 - start_step
     if not preempted:
-        say(f"done: {steps_run} steps in {_format_eta(time.perf_counter() - run_start)}, "
+        say(f"done: {steps_run} steps in {format_duration(time.perf_counter() - run_start)}, "
             f"loss {first_loss:.4f} -> {last_loss:.4f}, {guard.skipped} skipped (non-finite); checkpoint {folder}")
     return {"steps": steps_run, "start_step": start_step, "first_loss": first_loss, "last_loss": last_loss,
             "losses": logged, "skipped_steps": guard.skipped, "preempted": preempted,

@@ -2,6 +2,7 @@
 a direct computation, label-efficiency splits, and a tiny end-to-end probe run with and without the feature cache."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -136,6 +137,24 @@ def test_tiny_eval_end_to_end_with_and_without_the_cache(tiny_run, synthetic_roo
     assert (tmp_path / "cached" / "probe-split0.pth.tar").is_file()
 
 
+def test_long_work_shows_progress_lines(tiny_run, synthetic_root, tmp_path):
+    from engine.evaluation.runner import run_eval
+
+    said = []
+    run_eval(_eval_config(synthetic_root, tmp_path / "chatty", "--data.batch_size=8",
+                          "--logging.progress_every_s=1e-9"), str(tiny_run), say=said.append)
+    text = "\n".join(said)
+    for expected in (r"feature cache: batch 3/3 \| [\d.]+ clips/s \| eta 0m00s",
+                     r"split 0 epoch 2/2 batch 2/3 \| train loss [\d.]+ acc [\d.]+% \(rank 0\) \| [\d.]+ clips/s "
+                     r"\| eta",
+                     r"validation: batch 1/1 \|"):
+        assert re.search(expected, text), (expected, text)
+    quiet = []  # the default (30 s): a short run prints its epochs only
+    run_eval(_eval_config(synthetic_root, tmp_path / "quiet", "--data.batch_size=8"), str(tiny_run),
+             say=quiet.append)
+    assert not any("batch" in line for line in quiet) and any("epoch 2/2" in line for line in quiet)
+
+
 def test_eval_cli_random_init_and_errors(tiny_run, synthetic_root, tmp_path):
     base = [sys.executable, "engine/eval.py", "--config", "configs/eval/synthetic_appearance.json",
             "--data.synthetic_root=null", f"--data.train=[\"{synthetic_root}/appearance_train.csv\"]",
@@ -175,7 +194,8 @@ def test_bad_videos_are_replaced_reported_and_too_many_stop_the_run(tiny_run, sy
     plain = run_eval(_eval_config(synthetic_root, tmp_path / "plain", f"--data.train=[\"{index}\"]",
                                   "--data.max_bad_fraction=0.2", "--meta.cache_features=false"), str(tiny_run),
                      say=lambda *a: None)
-    for a, b in zip(results["history"][0], plain["history"][0], strict=True):  # the cache keeps the replacements' labels
+    # the cache keeps the replacements' labels
+    for a, b in zip(results["history"][0], plain["history"][0], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6) and a["train_top1"] == b["train_top1"]
     rows = (tmp_path / "out" / "bad_videos.csv").read_text().splitlines()
     assert rows[0] == "path,reason,epoch" and len(rows) == 3

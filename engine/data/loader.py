@@ -10,6 +10,7 @@ the batch's masks in the loader workers, so the training step never waits on hos
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,8 @@ import torch
 
 from engine.data.dataset import PretrainDataset, Sample
 from engine.data.probe import Probe
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -184,6 +187,20 @@ def init_worker(worker_id: int) -> None:
     # them itself however it ends (TrainingData.stop_workers): exit's terminate-then-join would wait for them forever.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # forked with both held (`start_workers`); one that came meanwhile is dropped now: the main process has it too
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def start_workers() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT in this thread while loader workers are forked (around `iter(loader)`): a worker that
+    got the launcher's SIGTERM before `init_worker` ran would die of it, and the loader with it. A held signal
+    reaches this process's handler when the block ends; the workers inherit the block and drop theirs."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def build_loader(dataset: PretrainDataset, *, global_batch_size: int, rank: int, world_size: int,

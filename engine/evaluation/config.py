@@ -72,6 +72,7 @@ class EvalModelConfig:
 class EvalLoggingConfig:
     folder: str = "runs/eval"  # results.json and the probe files; rerunning the same command continues a probe here
     checkpoint_every_s: float = 600.0  # (ours) also save the probe this often inside an epoch (V1: once per epoch)
+    progress_every_s: float = 30.0  # (ours) a progress line this often inside an epoch, the cache and validation
 
 
 @dataclass
@@ -121,6 +122,7 @@ def load_eval_config(path: str | Path | None = None, overrides: Sequence[str] = 
         (cfg.model.checkpoint_key in ("target_encoder", "encoder"), "model.checkpoint_key: target_encoder or encoder"),
         (m.dtype in ("bfloat16", "float16", "float32"), "meta.dtype must be bfloat16, float16 or float32"),
         (cfg.logging.checkpoint_every_s > 0, "logging.checkpoint_every_s must be > 0 (seconds)"),
+        (cfg.logging.progress_every_s > 0, "logging.progress_every_s must be > 0 (seconds)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -8,11 +8,12 @@ sums and the history of the epochs before. Every other input of a probe step is 
 entry): the epoch's permutation, the augmentation draws (engine/evaluation/data.py) and the probe's initialisation,
 so skipping the batches already done continues the run bit for bit.
 
-The record also holds a fingerprint of what the numbers depend on: the config (all but where files go, the worker
-count and the inference chunk size), the global batch (W ranks of b train the probe of one rank of W*b, so a resume
-may change W with it), a digest of the frozen encoder's weights (a run folder's weights change when its pretraining
-goes on) and digests of the entries the index files list (an index may be edited between runs). A probe file whose fingerprint differs is never continued: the run stops and names what
-differs, so a folder of one experiment is not silently mixed into another's results.
+The record also holds a fingerprint of what the numbers depend on: the config (all but where files go and how often,
+the worker count and the inference chunk size), the global batch (W ranks of b train the probe of one rank of W*b,
+so a resume may change W with it), a digest of the frozen encoder's weights (a run folder's weights change when its
+pretraining goes on) and digests of the entries the index files list (an index may be edited between runs). A probe
+file whose fingerprint differs is never continued: the run stops and names what differs, so a folder of one
+experiment is not silently mixed into another's results.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from models.pretrained import read_file
 from .config import EvalConfig
 
 # keys that change where files go or how fast the run is, never a number of the result
-_NOT_FINGERPRINTED = {"logging.folder", "data.num_workers", "data.synthetic_root", "data.batch_size",
-                      "meta.clips_per_forward"}
+_NOT_FINGERPRINTED = {"logging.folder", "logging.checkpoint_every_s", "logging.progress_every_s", "data.num_workers",
+                      "data.synthetic_root", "data.batch_size", "meta.clips_per_forward"}
 _DIGEST_SAMPLES = 4096  # elements per tensor hashed: any change of trained weights moves every one of them
 
 

@@ -28,9 +28,10 @@ from engine.backends import param_groups
 from engine.config import ConfigError
 from engine.data.bad_videos import BadVideoReport
 from engine.data.index import VideoIndex, read_index
-from engine.data.loader import init_worker
+from engine.data.loader import init_worker, start_workers
 from engine.durable import write_text_atomic
 from engine.faults import StepGuard
+from engine.progress import ProgressLine
 from engine.schedules import cosine_wd, warmup_cosine_lr
 
 from .config import EvalConfig
@@ -79,15 +80,19 @@ class FeatureSource:
     def device(self) -> torch.device:
         return self.ranks.device
 
-    def fill(self, entries: list[int]) -> None:
+    def fill(self, entries: list[int], say: Any) -> None:
         """Encode the entries not cached yet (no-op without the cache)."""
         if self.cache is None:
             return
         missing = self.ranks.val_share(sorted(set(entries) - set(self.cache)))
+        batches = _batches(missing, self.cfg.data.batch_size)
+        line = ProgressLine("feature cache: batch", len(batches), every_s=self.cfg.logging.progress_every_s, say=say,
+                            clips_per_item=self.cfg.data.batch_size * self.ranks.world)
         mine, labels = {}, {}
-        for features, y, batch in self._encoded(_batches(missing, self.cfg.data.batch_size)):
+        for n, (features, y, batch) in enumerate(self._encoded(batches), start=1):
             mine.update(zip(batch, features.cpu()))
             labels.update(zip(batch, y.tolist()))
+            line.tick(n)
         self.cache.update(self.ranks.gather_features(mine))
         self.cached_labels.update(self.ranks.merge(labels))
 
@@ -111,9 +116,11 @@ class FeatureSource:
         # the workers ignore SIGTERM and SIGINT (the probe's training stops at a batch boundary, engine/faults.py), so
         # they are stopped here however the iteration ends: the interpreter's exit would terminate, then join them,
         # forever (engine/data/pipeline.py)
-        batches_out = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=workers,
-                                                       pin_memory=self.device.type == "cuda",
-                                                       worker_init_fn=init_worker if workers else None))
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=workers,
+                                             pin_memory=self.device.type == "cuda",
+                                             worker_init_fn=init_worker if workers else None)
+        with start_workers():  # a new loader per pass: a SIGTERM must not kill a worker still starting
+            batches_out = iter(loader)
         try:
             for clips, y, entries, failures in batches_out:
                 # bad entries were replaced in the workers; reported here, and too many stop the run
@@ -183,6 +190,8 @@ def train_probe(cfg: EvalConfig, features: FeatureSource, val_features: FeatureS
         loss_sum, correct, seen = progress.sums if ranks.main else (0.0, 0.0, 0.0)
         order = np.random.default_rng([cfg.meta.seed, split, epoch]).permutation(len(train))
         slices = ranks.train_slices([train[int(i)] for i in order], d.batch_size)
+        line = ProgressLine(f"split {split} epoch {epoch + 1}/{o.epochs} batch", len(slices), start=progress.batch,
+                            every_s=cfg.logging.progress_every_s, say=say, clips_per_item=d.batch_size * ranks.world)
         for done, (x, y) in enumerate(features.batches(slices[progress.batch:]), start=progress.batch + 1):
             progress.step += 1
             lr, wd = schedule(progress.step)
@@ -199,6 +208,7 @@ def train_probe(cfg: EvalConfig, features: FeatureSource, val_features: FeatureS
             loss_sum += loss.item() * len(y)
             correct += float((logits[0].argmax(1) == y).sum())
             seen += len(y)
+            line.tick(done, f"train loss {loss_sum / seen:.4f} acc {100 * correct / seen:.1f}% (rank 0)")
             stop, due = guard.poll(time.monotonic() - last_save >= cfg.logging.checkpoint_every_s)
             if stop or due:
                 progress.batch, progress.sums = done, ranks.sum(loss_sum, correct, seen)
@@ -206,7 +216,7 @@ def train_probe(cfg: EvalConfig, features: FeatureSource, val_features: FeatureS
                 last_save = time.monotonic()
             if stop:
                 raise stopped(f"epoch {epoch + 1} batch {done}/{len(slices)}")
-        top1 = evaluate(probe, val_features, val, guard)
+        top1 = evaluate(probe, val_features, val, guard, say)
         loss_sum, correct, seen = ranks.sum(loss_sum, correct, seen)
         if top1 is None:  # stopped while validating: the epoch's training is kept, its validation runs again
             progress.batch, progress.sums = len(slices), [loss_sum, correct, seen]
@@ -225,17 +235,22 @@ def train_probe(cfg: EvalConfig, features: FeatureSource, val_features: FeatureS
 
 
 @torch.no_grad()
-def evaluate(probe: AttentiveProbe, features: FeatureSource, val: list[int], guard: StepGuard) -> float | None:
+def evaluate(probe: AttentiveProbe, features: FeatureSource, val: list[int], guard: StepGuard,
+             say: Any) -> float | None:
     """Top-1 (%) of the softmax averaged over the views, every validation entry once (over all ranks); None when
     `guard` was signalled meanwhile (a large validation set takes minutes: longer than a preemption's grace)."""
     probe.eval()
     ranks, b = features.ranks, features.cfg.data.batch_size
     polls = math.ceil(len(val) // ranks.world / b)  # the batch count of the smallest share: every rank polls as often
     correct = seen = 0
-    for i, (x, y) in enumerate(features.batches(_batches(ranks.val_share(val), b))):
+    batches = _batches(ranks.val_share(val), b)
+    line = ProgressLine("validation: batch", len(batches), every_s=features.cfg.logging.progress_every_s, say=say,
+                        clips_per_item=b * ranks.world)
+    for i, (x, y) in enumerate(features.batches(batches)):
         probs = torch.stack([probe(x[:, v].float()).softmax(-1) for v in range(x.shape[1])]).mean(0)
         correct += int((probs.argmax(1) == y).sum())
         seen += len(y)
+        line.tick(i + 1)
         if i < polls and guard.poll()[0]:
             return None
     correct, seen = ranks.sum(correct, seen)
@@ -281,8 +296,8 @@ def run_eval(cfg: EvalConfig, checkpoint: str, *, random_init: bool = False, say
     todo = [k for k in range(d.splits) if found[k] is None or not found[k][0].complete]
     if cfg.meta.cache_features and todo:
         start = time.perf_counter()
-        train_features.fill(sorted({e for k in todo for e in chosen[k]}))
-        val_features.fill(val)
+        train_features.fill(sorted({e for k in todo for e in chosen[k]}), say)
+        val_features.fill(val, say)
         say(f"feature cache: {len(train_features.cache)} train + {len(val_features.cache)} val entries encoded in "
             f"{time.perf_counter() - start:.1f} s")
     # SIGTERM and Ctrl-C stop the probe's training at the next batch, saved (engine/faults.py); while the cache is
