@@ -349,7 +349,10 @@ class DeepSpeedBackend(Backend):
 
         targets = zero3.target_state(target) if self.stage == 3 else {"target_encoder": target.state_dict()}
         client_state = {**client_state, **targets, UNIVERSAL_CHECKPOINT_INFO: ds_checkpoint.universal_info()}
-        self.engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+        try:
+            self.engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+        except OSError as e:  # a full disk, a quota, a lost mount: `latest` still names the last whole tag
+            raise ds_checkpoint.write_error(folder, tag, self.engine.global_rank, e) from e
         ds_checkpoint.commit(folder, tag, self.engine.global_rank)  # `latest` once every rank's files are on disk
         if self.engine.global_rank == 0:
             ds_checkpoint.prune_tags(folder, keep_last)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import UnreadableCheckpoint
+from .checkpoint import CheckpointWriteError, UnreadableCheckpoint
 from .durable import fsync_file, write_text_atomic
 
 _TAG = re.compile(r"step(\d+)")
@@ -80,6 +80,17 @@ def commit(folder: str | Path, tag: str, rank: int) -> None:
     barrier()
     if rank == 0:
         write_text_atomic(Path(folder) / "latest", tag)
+
+
+def write_error(folder: str | Path, tag: str, rank: int, error: OSError) -> CheckpointWriteError:
+    """The error for a rank whose files of `tag` could not be written. The tag stays incomplete and unnamed (`latest`
+    moves only in `commit`), so a rerun resumes from the last whole one and writes this step again over it."""
+    latest = Path(folder) / "latest"
+    kept = (f"the last checkpoint, tag {latest.read_text().strip()!r}, is intact" if latest.is_file()
+            else "no checkpoint was written yet")
+    return CheckpointWriteError(f"rank {rank}: writing the DeepSpeed checkpoint {Path(folder) / tag} failed "
+                                f"({error.strerror or error}); {kept}. Free space in {Path(folder).resolve()} and "
+                                f"rerun the same command to continue.")
 
 
 def _opens(tag_dir: Path, rank: int) -> bool:

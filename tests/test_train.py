@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -89,6 +90,33 @@ def test_deepspeed_backend_matches_torch_first_step(tiny_config, synthetic_root,
     assert float(ds_rows[0]["loss"]) == pytest.approx(float(ref_rows[0]["loss"]), rel=1e-5)
     assert float(ds_rows[2]["loss"]) == pytest.approx(float(ref_rows[2]["loss"]), rel=1e-3)
     assert os.path.isfile(f"{tmp_path}/ds/deepspeed/latest")
+
+
+def test_a_deepspeed_save_that_fails_stops_with_one_line_and_the_rerun_resumes(synthetic_root, tmp_path):
+    pytest.importorskip("deepspeed")
+    # the disk fills up while the second checkpoint (step 4) is written
+    full_disk = ("import errno, torch\n"
+                 "real_save = torch.save\n"
+                 "def save(obj, f, *args, **kwargs):\n"
+                 "    if 'step4' in str(f):\n"
+                 "        real_save({'part': torch.zeros(10)}, f)\n"
+                 "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+                 "    return real_save(obj, f, *args, **kwargs)\n"
+                 "torch.save = save\n")
+    args = [*_ds_args(synthetic_root, "--logging.checkpoint_every=2", f"--logging.folder={tmp_path}/run"),
+            "--meta.max_steps=6"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    failed = subprocess.run([sys.executable, "-c", full_disk + _DEEPSPEED_RUN, *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert re.search(r"error: rank 0: writing the DeepSpeed checkpoint .*step4 failed \(No space left on device\); "
+                     r"the last checkpoint, tag 'step2', is intact\. Free space in", failed.stderr), failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr
+    rerun = subprocess.run([sys.executable, "-c", _DEEPSPEED_RUN, *args], cwd=ROOT, env=env, capture_output=True,
+                           text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming" in rerun.stdout and "at step 2" in rerun.stdout
+    assert (tmp_path / "run" / "deepspeed" / "latest").read_text().strip() == "step6"
 
 
 def _free_port():
