@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from engine.evaluation.probe import AttentiveProbe, save_probe
 from engine.faults import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 from .conftest import ROOT
+from .process_signals import signal_when
 
 EPOCHS = 3  # of 6 training batches (24 clips of batch 4) and 2 validation batches each
 
@@ -184,15 +184,9 @@ def test_a_stop_signal_to_the_eval_command_saves_and_the_rerun_continues(tiny_ru
     args = [sys.executable, "engine/eval.py", "--config", "configs/eval/synthetic_appearance.json", "--checkpoint",
             str(tiny_run), *_args(synthetic_root, tmp_path), "--data.num_workers=1", "--meta.cache_features=false",
             "--optimization.epochs=40"]
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "probe-split0.pth.tar").exists():  # after the first epoch
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
-        time.sleep(0.02)
-    os.killpg(process.pid, signum)
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == code, output
+    run = signal_when(args, (tmp_path / "probe-split0.pth.tar").exists, signum, cwd=ROOT)  # after the first epoch
+    output = run.stdout
+    assert run.returncode == code, output
     assert f"stopping after {reason} at split 0 epoch" in output and "rerun the same command" in output
     assert "Traceback" not in output
     record = torch.load(tmp_path / "probe-split0.pth.tar", weights_only=True)["progress"]

@@ -17,6 +17,7 @@ from engine.faults import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, NonFiniteL
 from engine.loop import train
 
 from .conftest import ROOT
+from .process_signals import signal_when
 
 STEPS = ["--logging.log_every=1", "--optimization.ipe=4", "--optimization.warmup=1"]
 
@@ -122,18 +123,11 @@ def test_a_stop_signal_saves_at_the_next_step_and_the_rerun_continues_bit_exactl
             "--data.synthetic_root=null", f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]",
             "--data.num_workers=1", "--data.batch_size=4", "--meta.max_steps=24", *STEPS,
             "--logging.checkpoint_every=100", f"--logging.folder={folder}"]
-    # its own session, so that the signal goes to the whole process tree (loader worker included), as the launcher
-    # sends SIGTERM and a terminal's Ctrl-C sends SIGINT
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    deadline = time.monotonic() + 120
+    # to the whole process tree (loader worker included), as the launcher sends SIGTERM and a terminal Ctrl-C
     metrics = folder / "metrics.csv"
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 4):  # header + 4 steps
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
-        time.sleep(0.02)
-    os.killpg(process.pid, signum)
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == code, output
+    run = signal_when(args, lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 4, signum)  # 4 steps
+    output = run.stdout
+    assert run.returncode == code, output
     assert f"stopping after {reason} at step" in output and "(saved step" in output
     assert ("press Ctrl-C again" in output) == (signum == signal.SIGINT)
     assert "Traceback" not in output  # the loader's worker too left Ctrl-C to the main process
