@@ -122,6 +122,18 @@ def test_a_finished_evaluation_is_not_trained_again(tiny_run, synthetic_root, st
     assert again["history"] == first["history"] and (folder / "results.json").is_file()
 
 
+def test_more_splits_later_reuse_the_probes_done(tiny_run, synthetic_root, tmp_path):
+    fewer = _run(synthetic_root, tiny_run, tmp_path, "--data.train_per_class=2", "--optimization.epochs=1")
+    said = []
+    more = _run(synthetic_root, tiny_run, tmp_path, "--data.train_per_class=2", "--optimization.epochs=1",
+                "--data.splits=2", said=said)
+    assert "split 0: trained already" in " ".join(said) and "split 1 epoch 1/1" in " ".join(said)
+    assert more["splits"][0] == fewer["splits"][0] and len(more["splits"]) == 2
+    alone = _run(synthetic_root, tiny_run, tmp_path / "alone", "--data.train_per_class=2", "--optimization.epochs=1",
+                 "--data.splits=2")
+    assert _without_times(alone["history"]) == _without_times(more["history"])  # as if both were trained at once
+
+
 def test_another_evaluations_probe_is_never_continued(tiny_run, synthetic_root, straight, tmp_path):
     folder = straight[0]
     with pytest.raises(ConfigError, match=r"different evaluation.*optimization\.lr: 0\.001 there, 0\.002 now"):

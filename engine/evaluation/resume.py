@@ -31,9 +31,10 @@ from models.pretrained import read_file
 
 from .config import EvalConfig
 
-# keys that change where files go or how fast the run is, never a number of the result
+# keys that change where files go or how fast the run is, never a number of the result; and the number of splits:
+# split k's subset, initialisation and order depend on (seed, k) alone, so more splits later reuse the probes done
 _NOT_FINGERPRINTED = {"logging.folder", "logging.checkpoint_every_s", "logging.progress_every_s", "data.num_workers",
-                      "data.synthetic_root", "data.batch_size", "meta.clips_per_forward"}
+                      "data.synthetic_root", "data.batch_size", "meta.clips_per_forward", "data.splits"}
 _DIGEST_SAMPLES = 4096  # elements per tensor hashed: any change of trained weights moves every one of them
 
 
