@@ -60,10 +60,9 @@ def straight(tiny_run, synthetic_root, tmp_path_factory):
     return folder, _run(synthetic_root, tiny_run, folder)
 
 
-def test_a_crash_mid_epoch_continues_from_the_last_save_bit_exactly(tiny_run, synthetic_root, tmp_path,
-                                                                   straight, monkeypatch):
-    # logging.checkpoint_every_s tiny: a save after every batch; the run dies right after its 8th save (epoch 2,
-    # batch 1: 6 batch saves and the epoch-end save of epoch 1, then one more), as a node crash would stop it
+def _crash_after_the_8th_save(monkeypatch, run):
+    """`run()` with logging.checkpoint_every_s tiny (a save after every batch) dies right after its 8th save (epoch 2,
+    batch 1: 6 batch saves and the epoch-end save of epoch 1, then one more), as a node crash would stop it."""
     saves = []
 
     def save_then_crash(*args, **kwargs):
@@ -75,9 +74,15 @@ def test_a_crash_mid_epoch_continues_from_the_last_save_bit_exactly(tiny_run, sy
 
     monkeypatch.setattr(runner, "save_probe", save_then_crash)
     with pytest.raises(SystemError, match="node lost"):
-        _run(synthetic_root, tiny_run, tmp_path, "--logging.checkpoint_every_s=1e-9")
+        run()
     assert (saves[-1]["epoch"], saves[-1]["batch"], saves[-1]["step"]) == (1, 1, 7)
     monkeypatch.undo()
+
+
+def test_a_crash_mid_epoch_continues_from_the_last_save_bit_exactly(tiny_run, synthetic_root, tmp_path,
+                                                                   straight, monkeypatch):
+    _crash_after_the_8th_save(monkeypatch, lambda: _run(synthetic_root, tiny_run, tmp_path,
+                                                        "--logging.checkpoint_every_s=1e-9"))
     said = []
     again = _run(synthetic_root, tiny_run, tmp_path, "--logging.checkpoint_every_s=1e-9", said=said)
     assert "split 0: continuing at epoch 2, batch 1" in " ".join(said)
@@ -205,3 +210,19 @@ def test_a_stop_signal_to_the_eval_command_saves_and_the_rerun_continues(tiny_ru
     assert 1 <= record["epoch"] < 40 and not record["complete"]
     rerun = subprocess.run([*args, "--optimization.epochs=41"], cwd=ROOT, capture_output=True, text=True)
     assert rerun.returncode == 2 and "optimization.epochs: 40 there, 41 now" in rerun.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_evaluation_continues_after_a_crash(tiny_run, synthetic_root, tmp_path, monkeypatch):
+    # bf16 autocast features, pinned batches from a worker, the digest of weights on the GPU; the probe's attention
+    # backward may use atomics there, so the continued run is compared within a tolerance
+    gpu = ("--meta.dtype=bfloat16", "--meta.cache_features=false", "--data.num_workers=1")
+    straight = _run(synthetic_root, tiny_run, tmp_path / "straight", *gpu)
+    _crash_after_the_8th_save(monkeypatch, lambda: _run(synthetic_root, tiny_run, tmp_path / "crashed", *gpu,
+                                                        "--logging.checkpoint_every_s=1e-9"))
+    said = []
+    again = _run(synthetic_root, tiny_run, tmp_path / "crashed", *gpu, "--logging.checkpoint_every_s=1e-9", said=said)
+    assert "on 1 x cuda" in said[0] and "split 0: continuing at epoch 2, batch 1" in " ".join(said)
+    for a, b in zip(straight["history"][0], again["history"][0], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
