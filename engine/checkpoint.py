@@ -51,7 +51,7 @@ def save_checkpoint(folder: str | Path, write_tag: str, step: int, state: dict[s
             os.fsync(f.fileno())
     except OSError as e:  # a full disk, a quota, a lost mount: the part written goes, the last checkpoint stays
         tmp.unlink(missing_ok=True)
-        previous = _step_files(folder, write_tag)
+        previous = step_files(folder, write_tag)
         kept = f"the last checkpoint, {previous[-1]}, is intact" if previous else "no checkpoint was written yet"
         raise CheckpointWriteError(f"writing the checkpoint of step {step} to {path} failed ({e.strerror or e}); "
                                    f"{kept}. Free space in {Path(folder).resolve()} (this one needs about "
@@ -67,7 +67,7 @@ def save_checkpoint(folder: str | Path, write_tag: str, step: int, state: dict[s
         fsync_file(link)
     os.replace(link, latest)
     fsync_dir(folder)  # the renames themselves
-    for old in _step_files(folder, write_tag)[:-keep_last]:
+    for old in step_files(folder, write_tag)[:-keep_last]:
         old.unlink()
     return path
 
@@ -83,7 +83,7 @@ def _state_gb(state: Any) -> float:
     return sum(_state_gb(v) for v in values)
 
 
-def _step_files(folder: str | Path, write_tag: str) -> list[Path]:
+def step_files(folder: str | Path, write_tag: str) -> list[Path]:
     pattern = re.compile(re.escape(write_tag) + r"-step(\d{8})\.pth\.tar")
     return sorted(p for p in Path(folder).iterdir() if pattern.fullmatch(p.name))
 
@@ -96,7 +96,7 @@ def load_resumable(folder: str | Path, write_tag: str,
     loads."""
     if not Path(folder).is_dir():
         return None
-    candidates = [p for p in _step_files(folder, write_tag)[::-1] or [latest_path(folder, write_tag)] if p.is_file()]
+    candidates = [p for p in step_files(folder, write_tag)[::-1] or [latest_path(folder, write_tag)] if p.is_file()]
     failed = []
     for i, path in enumerate(candidates):
         try:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
+from .durable import write_text_atomic
+
 T = TypeVar("T")
 
 
@@ -401,5 +403,6 @@ def validate(cfg: Config) -> None:
 
 
 def save_resolved(cfg: Config, path: str | Path) -> None:
-    """Write the fully resolved config (every key) so a run folder says exactly what ran."""
-    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    """Write the fully resolved config (every key) so a run folder says exactly what ran; a rerun is checked against
+    it (engine/rerun.py), so it is never left half-written."""
+    write_text_atomic(path, json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -31,6 +31,7 @@ from .flops import TransformerDims, step_flops
 from .progress import format_duration
 from .metrics import MetricsCSV, collapse_diagnostics
 from .packed_masks import MaskMaker, StepMasks
+from .rerun import check_rerun
 from .profiling import StepProfiler, phase
 from .schedules import Schedules
 from .throughput import ThroughputWindow, step_tokens
@@ -141,6 +142,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
     folder = Path(cfg.logging.folder)
+    for line in check_rerun(cfg, folder, use_ds):  # before anything is built: a refused change fails in a second
+        say(line)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
