@@ -29,6 +29,7 @@ from torch import nn
 
 from .build import build_encoder, build_predictor
 from .config import Config
+from .disk_space import checkpoint_bytes
 from .flops import TransformerDims, step_flops
 from .packed_masks import MaskMaker
 
@@ -118,6 +119,9 @@ class DryRun:
     accumulation: int
     warnings: tuple[str, ...]
     activation_checkpointing: int = 0  # the config's model.activation_checkpointing
+    checkpoint_bytes: int = 0  # one checkpoint on the disk (engine/disk_space.py)
+    keep_last: int = 2  # the config's logging.keep_last
+    deepspeed: bool = False  # the launch trains under DeepSpeed
 
     @property
     def num_tokens(self) -> int:
@@ -252,7 +256,9 @@ def dry_run_report(cfg: Config, world_size: int | None = None) -> DryRun:
         warnings.append(f"deepspeed.train_micro_batch_size_per_gpu {ds['train_micro_batch_size_per_gpu']} != "
                         f"data.batch_size {b}: the loader uses data.batch_size")
     return DryRun(m, cfg.grid, b, packed, truncated, world, stage, memory_estimate(cfg, m, world, stage, peak),
-                  recipe, actual, accum, tuple(warnings), cfg.model.activation_checkpointing)
+                  recipe, actual, accum, tuple(warnings), cfg.model.activation_checkpointing,
+                  checkpoint_bytes(m.encoder_total, m.predictor_total, m.trained_params, uses_deepspeed(cfg)),
+                  cfg.logging.keep_last, uses_deepspeed(cfg))
 
 
 def format_report(r: DryRun) -> str:
@@ -311,6 +317,10 @@ def format_report(r: DryRun) -> str:
         f"  over the packed tokens of the largest of {MASK_STEPS} sampled steps (truncation only removes tokens)",
         f"  80 GB H100 ({GPU_BYTES / GIB:.1f} GiB): {fits[0]} without checkpointing, {fits[1]} with every block "
         "checkpointed",
+        f"Checkpoints ({'DeepSpeed' if r.deepspeed else 'PyTorch backend'}: fp32 weights of encoder, "
+        "predictor and target, AdamW state; engine/disk_space.py)",
+        f"  each {r.checkpoint_bytes / 1e9:.1f} GB; logging.keep_last={r.keep_last} plus the one being written: "
+        f"{(r.keep_last + 1) * r.checkpoint_bytes / 1e9:.1f} GB in the run folder at a save",
         "Global batch",
         f"  recipe (nodes x tasks_per_node x batch)      {r.recipe_batch}",
         f"  this launch (world x batch x accumulation)   {r.world_size} x {r.batch_size} x {r.accumulation} = "

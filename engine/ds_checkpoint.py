@@ -43,11 +43,17 @@ def universal_info() -> dict[str, float]:
     return {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
 
 
+def step_tags(folder: str | Path) -> list[Path]:
+    """The step tags' folders, oldest first (none when `folder` does not exist)."""
+    if not Path(folder).is_dir():
+        return []
+    return sorted((p for p in Path(folder).iterdir() if p.is_dir() and _step(p.name) is not None),
+                  key=lambda p: _step(p.name))
+
+
 def prune_tags(folder: str | Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step tags, with their universal conversions."""
-    tags = sorted((p for p in Path(folder).iterdir() if p.is_dir() and _step(p.name) is not None),
-                  key=lambda p: _step(p.name))
-    for old in tags[:-keep_last]:
+    for old in step_tags(folder)[:-keep_last]:
         shutil.rmtree(old)
         shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
 

@@ -21,11 +21,12 @@ from models import attention
 from .backends import DeepSpeedBackend, TorchBackend
 from .build import build_encoder, build_predictor, encoder_variant
 from . import ds_checkpoint
-from .checkpoint import load_resumable, load_start_weights, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_resumable, load_start_weights, rng_state, save_checkpoint, set_rng_state, step_files
 from .config import Config, ConfigError, save_resolved
 from .data.loader import Batch, start_workers
 from .data.pipeline import TrainingData, build_training_data, read_run_index
 from .data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from .disk_space import checkpoint_bytes, space_warning
 from .faults import StepGuard
 from .flops import TransformerDims, step_flops
 from .progress import format_duration
@@ -34,7 +35,7 @@ from .packed_masks import MaskMaker, StepMasks
 from .rerun import check_rerun
 from .profiling import StepProfiler, phase
 from .schedules import Schedules
-from .throughput import ThroughputWindow, step_tokens
+from .throughput import DataBoundHint, ThroughputWindow, step_tokens
 from .step import Models, train_step
 
 
@@ -123,6 +124,10 @@ class MicroBatches:
             yield video, masks
 
 
+def _count(module: torch.nn.Module, trained: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trained)
+
+
 def build_models(cfg: Config, device: torch.device) -> Models:
     """Context encoder and predictor from the config, on `device`; the target encoder starts as an exact copy of the
     context encoder. (Seeding is the caller's.)"""
@@ -160,6 +165,14 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     random.seed(cfg.meta.seed)
     models = build_models(cfg, device)
     encoder, predictor, target_encoder = models.encoder, models.predictor, models.target_encoder
+    if main:  # before the first save, which may come hours after the start
+        present = len(ds_checkpoint.step_tags(folder / "deepspeed") if use_ds
+                      else step_files(folder, cfg.logging.write_tag))
+        each = checkpoint_bytes(_count(encoder), _count(predictor),
+                                _count(encoder, trained=True) + _count(predictor, trained=True), use_ds)
+        warning = space_warning(folder, each, cfg.logging.keep_last, present)
+        if warning:
+            say(warning)
 
     # resume: the run folder's latest checkpoint, else an explicit starting file (its weights go in before the
     # backend exists: ZeRO-3 partitions them)
@@ -220,6 +233,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
 
     window_losses: list[torch.Tensor] = []
     window = ThroughputWindow(device, world, b * accumulation)
+    data_hint = DataBoundHint(cfg.data.num_workers, data.decoder, device.type == "cuda")
     run_start = time.perf_counter()
     first_loss = last_loss = None
     logged: dict[int, float] = {}  # step -> mean loss of the window it ends, at full precision (for callers, tests)
@@ -286,6 +300,9 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                         f"data wait {row['data_wait_frac']:.0%} | target std {row['target_std_tokens']:.3f} "
                         f"rank {row['target_rank']:.1f} | eta {format_duration(eta)}", flush=True)
                     window_losses = []
+                    hint = data_hint.check(row["data_wait_frac"], cfg.logging.log_every)
+                    if hint:
+                        say(hint, flush=True)
 
             saved = (step + 1) % cfg.logging.checkpoint_every == 0 or step == stop - 1
             if guard.stop:  # preempted or interrupted: all ranks agreed at this step's check

@@ -13,6 +13,7 @@ memory and the time the step waited for data.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
 from typing import Any
@@ -80,3 +81,29 @@ def step_tokens(batch_size: int, num_tokens: int, context_seqlens: list[int], ta
     """Tokens the three networks run in one step: target encoder, context encoder, predictor (context + targets)."""
     context, targets = sum(context_seqlens), sum(target_seqlens)
     return batch_size * num_tokens + context + (context + targets)
+
+
+DATA_BOUND_FRACTION = 0.2  # of a logging window's time spent waiting for batches
+
+
+class DataBoundHint:
+    """Says once per run when the loader sets the pace: a logging window, after the first (which holds the workers'
+    start-up), that waited for its batches more than DATA_BOUND_FRACTION of its time. The GPU then idles, and the
+    throughput columns measure the loader, not the model."""
+
+    def __init__(self, num_workers: int, decoder: str, on_gpu: bool) -> None:
+        self.num_workers, self.decoder, self.on_gpu = num_workers, decoder, on_gpu
+        self.windows = 0
+        self.said = False
+
+    def check(self, data_wait_frac: float, steps: int) -> str | None:
+        self.windows += 1
+        if self.said or self.windows == 1 or data_wait_frac <= DATA_BOUND_FRACTION:
+            return None
+        self.said = True
+        dali = ("; data.decoder=dali decodes on the GPU (NVDEC) instead"
+                if self.on_gpu and self.decoder != "dali" else "")
+        return (f"hint: the last {steps} steps waited for their batches {data_wait_frac:.0%} of the time: the loader "
+                f"sets the pace, not the model. More loader workers help while cores are free (data.num_workers="
+                f"{self.num_workers} per rank; this machine has {os.cpu_count()} cores){dali}. `pytest "
+                "benchmarks/test_bench_loader.py --benchmark-only` measures the loader alone.")

@@ -1,4 +1,5 @@
-"""Throughput accounting: tokens per step, MFU against the device's peak, the window's rates."""
+"""Throughput accounting: tokens per step, MFU against the device's peak, the window's rates; the hint when the loader
+sets the pace."""
 
 import itertools
 import math
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from engine import throughput
-from engine.throughput import ThroughputWindow, peak_tflops, step_tokens
+from engine.loop import train
+from engine.throughput import DataBoundHint, ThroughputWindow, peak_tflops, step_tokens
 
 
 def test_step_tokens_counts_each_network():
@@ -38,3 +40,33 @@ def test_window_rates(monkeypatch):
     assert row["data_wait_s"] == pytest.approx(0.3) and row["data_wait_frac"] == pytest.approx(0.3)
     assert row["peak_mem_gb"] > 0 and window.steps == 0  # reset for the next window
     assert math.isnan(ThroughputWindow(torch.device("cpu"), 1, 1).row()["mfu"])
+
+
+def test_data_bound_hint_once_after_the_first_window():
+    hint = DataBoundHint(num_workers=4, decoder="pyav", on_gpu=True)
+    assert hint.check(0.9, steps=10) is None  # the first window holds the workers' start-up
+    assert hint.check(0.2, steps=10) is None  # at the threshold: not yet
+    said = hint.check(0.35, steps=10)
+    assert said.startswith("hint: the last 10 steps waited for their batches 35% of the time: the loader sets the pace")
+    assert "data.num_workers=4 per rank" in said and "data.decoder=dali" in said
+    assert hint.check(0.9, steps=10) is None  # once per run
+    on_cpu = DataBoundHint(num_workers=0, decoder="pyav", on_gpu=False)
+    on_cpu.check(0.0, steps=5)
+    assert "dali" not in on_cpu.check(0.5, steps=5)
+
+
+def test_a_slow_loader_is_named_in_the_training_log(tiny_config, monkeypatch, capsys):
+    import time
+
+    import engine.data.dataset
+
+    decode = engine.data.dataset.decode_frames
+
+    def slow_decode(*args, **kwargs):
+        time.sleep(0.05)  # four clips a step: at least 0.2 s of waiting against a few ms of tiny model
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.data.dataset, "decode_frames", slow_decode)
+    train(tiny_config("--meta.max_steps=6", "--logging.log_every=2"))  # num_workers=0: decoding is the wait
+    hints = [line for line in capsys.readouterr().out.splitlines() if line.startswith("hint: ")]
+    assert len(hints) == 1 and "the loader sets the pace" in hints[0]
