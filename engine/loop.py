@@ -138,6 +138,11 @@ def build_models(cfg: Config, device: torch.device) -> Models:
 def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     """Pretrain; returns a summary (steps run, first and last logged loss, every logged loss by step, run folder)."""
     use_ds = cfg.meta.backend == "deepspeed" or (cfg.meta.backend == "auto" and local_rank is not None)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if not use_ds and launched > 1:  # every process would train alone, on the same GPU and into the same folder
+        raise ConfigError(f"meta.backend=torch trains in one process, but a launcher started {launched} (WORLD_SIZE): "
+                          "train under DeepSpeed (meta.backend=deepspeed or auto; ZeRO stage 0 is plain data "
+                          "parallelism), or start one process with python engine/train.py")
     device = torch.device("cuda", local_rank or 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--profile", type=int, metavar="N", default=None, help="profile N training steps after "
                         "warm-up with torch.profiler: a Chrome trace with a named range per phase of the step, written "
                         "to the run folder as trace.json (same as --meta.profile_steps=N)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher (torchrun sets LOCAL_RANK instead)")
     return parser.parse_known_args(argv)
 
 
@@ -49,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     from engine.data.loader import own_message
     from engine.faults import INTERRUPTED_EXIT_CODE, NonFiniteLoss
     from engine.loop import train  # heavy imports only when training
-    from engine.process_group import leave_process_group
+    from engine.process_group import launched_local_rank, leave_process_group
 
     clean = False
     try:
-        summary = train(cfg, local_rank=args.local_rank)
+        summary = train(cfg, local_rank=launched_local_rank(args.local_rank))
         clean = True
     except (ConfigError, SampleError, TooManyBadVideos, NonFiniteLoss, UnreadableCheckpoint,
             CheckpointWriteError) as e:  # the message says what to fix

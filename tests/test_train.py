@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from engine.config import ConfigError
 from engine.export import export
 from engine.loop import train
 
@@ -144,13 +145,35 @@ def test_two_ranks_of_b_give_the_losses_of_one_rank_of_2b(tiny_config, synthetic
     assert two == pytest.approx([one["losses"][s] for s in (1, 2, 3)], rel=2e-5)
 
 
-def _start_ranks(world, args):
-    """`world` rank processes of the training command, as the deepspeed launcher starts them (gloo on the CPU)."""
+def _start_ranks(world, args, launcher="deepspeed"):
+    """`world` rank processes of the training command, as the deepspeed launcher starts them (gloo on the CPU), or
+    as torchrun does (the same variables, no --local_rank argument)."""
     port = str(_free_port())
-    return [subprocess.Popen([sys.executable, "-c", _DEEPSPEED_RUN, *args, f"--local_rank={r}"], cwd=ROOT,
+    argument = ["--local_rank={r}"] if launcher == "deepspeed" else []
+    return [subprocess.Popen([sys.executable, "-c", _DEEPSPEED_RUN, *args, *(a.format(r=r) for a in argument)],
+                             cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(r), "LOCAL_RANK": str(r),
                                   "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+
+
+def test_torchrun_ranks_train_together_under_deepspeed(synthetic_root, tmp_path):
+    """torchrun passes no --local_rank: its LOCAL_RANK / WORLD_SIZE still make the processes ranks of one run (with
+    meta.backend auto, as under the deepspeed launcher), not independent runs writing one folder."""
+    pytest.importorskip("deepspeed")
+    args = [a for a in _ds_args(synthetic_root, "--meta.max_steps=2", f"--logging.folder={tmp_path}/run")
+            if a != "--meta.backend=deepspeed"]
+    ranks = _start_ranks(2, args, launcher="torchrun")
+    outputs = [p.communicate(timeout=300)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "world size 2" in outputs[0] and "backend deepspeed" in outputs[0] and "step 1/2" not in outputs[1]
+    assert (tmp_path / "run" / "deepspeed" / "latest").read_text().strip() == "step2"
+
+
+def test_the_torch_backend_refuses_a_launch_of_several_processes(tiny_config, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"meta.backend=torch trains in one process, but a launcher started 2"):
+        train(tiny_config("--meta.backend=torch"))
 
 
 def _launch(world, args, tmp_path):
