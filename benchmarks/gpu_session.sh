@@ -11,9 +11,9 @@
 #     --dry-run    hide CUDA and skip the wheel install: the same commands run on the CPU, where the benchmarks take
 #                  their tiny interpreted shapes, so this script is testable without a GPU (tests/test_gpu_session.py)
 #   GIT_COMMIT: the device receives the working tree without .git, so the commit travels in the environment.
-# Steps: wheels, gpu_tests, bench_<name> for each entry of BENCHMARKS, compare_reference, aot.
-# $OUT receives env.json, session.log (every step's output), gpu_tests.xml, bench_<name>.json, compare_<config>.json,
-# aot.json. The device returns at most 8 files from $OUT: once BENCHMARKS grows past that, split the session into calls
+# Steps: wheels, gpu_tests, bench_<name> for each entry of BENCHMARKS, profile, compare_reference, aot.
+# $OUT receives env.json, session.log (every step's output), gpu_tests.xml, bench_<name>.json, profile.json,
+# compare_<config>.json, aot.json. The device returns at most 8 files from $OUT: once BENCHMARKS grows past that, split the session into calls
 # with --only.
 # compare_reference runs benchmarks/compare_reference.py (this engine against facebookresearch/jepa on the same GPU)
 # on ViT-L/16-224 and ViT-H/16-384 (the tiny config in a dry run) when a checkout of the reference is at
@@ -50,7 +50,7 @@ done
 : "${OUT:?set OUT to the folder that receives the results}"
 STEPS=(wheels gpu_tests)
 for b in "${BENCHMARKS[@]}"; do STEPS+=("bench_${b%%:*}"); done
-STEPS+=(compare_reference aot)
+STEPS+=(profile compare_reference aot)
 for name in ${ONLY//,/ }; do
   [[ " ${STEPS[*]} " == *" $name "* ]] && continue
   echo "gpu_session.sh: unknown step '$name' (steps: ${STEPS[*]})" >&2; exit 2
@@ -127,7 +127,15 @@ for entry in "${BENCHMARKS[@]}"; do
     "$(q "$PY") -m pytest $file --benchmark-only -q -rs -p no:cacheprovider --benchmark-json=$(q "$OUT/bench_$name.json")"
 done
 
-# (e) this engine against the reference on the same device, when a checkout of it was carried
+# (e) where a step's time goes: device-busy fraction, idle gaps, per-phase device time, top kernels (a few KB of JSON
+# instead of traces of tens of MB; benchmarks/profile_step.py)
+profiled=(configs/vitl16.json configs/vith16_384.json) extra=""
+((DRY)) && profiled=(configs/tiny_synthetic.json) extra="--data.batch_size=2"
+cmd="$(q "$PY") benchmarks/profile_step.py"
+for cfg in "${profiled[@]}"; do cmd+=" --config $cfg"; done
+step profile 180 "$cmd --json $(q "$OUT/profile.json") $extra"
+
+# (f) this engine against the reference on the same device, when a checkout of it was carried
 REFERENCE=${VJEPA_REFERENCE:-.ref/jepa}
 if [[ ! -d $REFERENCE/src || ! -d $REFERENCE/app ]]; then
   skip compare_reference "no facebookresearch/jepa checkout at $REFERENCE (see the usage above)"
@@ -142,7 +150,7 @@ else
   step compare_reference 240 "$cmd; exit \$rc"
 fi
 
-# (f) compile every kernel configuration for sm_90 (works on a CPU too; not under the interpreter)
+# (g) compile every kernel configuration for sm_90 (works on a CPU too; not under the interpreter)
 if [[ -f kernels/aot.py ]]; then
   step aot 90 "env -u TRITON_INTERPRET $(q "$PY") -m kernels.aot --json > $(q "$OUT/aot.json")"
 else

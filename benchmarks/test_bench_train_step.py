@@ -1,12 +1,9 @@
 """The whole training step end to end, the frozen encoder's inference, and the bare GEMM peak they are measured against.
 
-What one measured step is: `engine.step.train_step` exactly as `engine.loop.train` calls it, on models and a backend
-built as the loop builds them (`engine.loop.build_models`, `TorchBackend`: AdamW, fused on CUDA), with one micro-batch
-of a synthetic clip batch already on the device (normalised-video statistics, the dtype `ClipFinisher` hands over:
-bf16 on CUDA, fp32 on the CPU) and the masks of the config's own `MaskMaker` (mask step 0, as benchmarks/shapes.py:
-the same token sets, hence the same FLOPs, in every run), copied to the device once. So it measures the step: target
-forward, context encoder + predictor, loss, backward, clipping + optimizer, EMA, no loader. The schedule values are
-the first step's after warm-up (clipping on, as in most of a run). One step per round, synchronised at its end.
+What one measured step is: benchmarks/step_case.py (`engine.step.train_step` as the loop calls it, on a synthetic clip
+batch already on the device and the config's own masks, clipping on; no loader), on models and a backend built as the
+loop builds them (`engine.loop.build_models`, `TorchBackend`: AdamW, fused on CUDA). One step per round, synchronised
+at its end.
 
 Cases, with CUDA (bf16 autocast, the configs' batch sizes): ViT-L/16 at 224 px (configs/vitl16.json, batch 24) and
 ViT-H/16 at 384 px (configs/vith16_384.json, batch 10), each with packed masks (provider "ours-packed", the default)
@@ -56,15 +53,14 @@ import torch
 
 import kernels
 from benchmarks.conftest import versions as _versions
-from benchmarks.shapes import ACT_DTYPE, CUDA, DEVICE, MASK_STEP, ROOT
+from benchmarks.shapes import ACT_DTYPE, CUDA, DEVICE, ROOT
+from benchmarks.step_case import make_step, step_case
 from engine.backends import Backend, DeepSpeedBackend, TorchBackend
 from engine.build import build_encoder
 from engine.config import Config, load_config
 from engine.flops import encoder_flops
-from engine.loop import attention_line, build_models, flop_dims, init_distributed, micro_batch_cost, token_counts
-from engine.packed_masks import MaskMaker
-from engine.schedules import Schedules
-from engine.step import Models, autocast_context, train_step
+from engine.loop import attention_line, build_models, flop_dims, init_distributed
+from engine.step import Models, autocast_context
 from engine.throughput import peak_memory_gb, peak_tflops
 from models import attention
 
@@ -267,34 +263,22 @@ def test_train_step(benchmark, cache, model: str, mode: str) -> None:
     cfg = _config(model, mode)
     _configure(cfg)
     d, b = cfg.data, cfg.data.batch_size
-    masks = MaskMaker(cfg.mask, cfg.grid, cfg.meta.seed, d.mask_type)(MASK_STEP, 0, b)
-    flops, tokens = micro_batch_cost(cfg, masks, flop_dims(cfg))
-    opt = cfg.optimization
-    steady = (opt.warmup + 1) * opt.ipe  # the first step after warm-up: clipping on (engine/loop.py)
-    lr, wd, momentum = Schedules.from_config(opt).at(steady)
+    case = step_case(cfg)
     shape = {"batch": b, "frames": d.num_frames, "crop": d.crop_size, "tokens_per_clip": cfg.num_tokens}
     info = _base_info(benchmark, op="train_step", provider=f"ours-{mode}", case=_case_name(model), direction="step",
-                      shape=shape, dtype=ACT_DTYPE, flops=flops, cfg=cfg)
-    per_clip = token_counts([masks], b, len(cfg.mask))
-    info.update(tokens_per_step=tokens, autocast=cfg.meta.dtype if CUDA else "float32",
-                context_tokens_per_clip=[per_clip[f"context_tokens_{g}"] for g in range(len(cfg.mask))],
-                target_tokens_per_clip=[per_clip[f"target_tokens_{g}"] for g in range(len(cfg.mask))])
+                      shape=shape, dtype=ACT_DTYPE, flops=case.flops, cfg=cfg)
+    per_clip = case.tokens_per_clip()
+    info.update(tokens_per_step=case.tokens, autocast=cfg.meta.dtype if CUDA else "float32",
+                context_tokens_per_clip=per_clip["context"], target_tokens_per_clip=per_clip["target"])
 
     def run() -> float | None:  # its locals (models, activations) are gone once it returns or raises
         models, backend = cache.train(model if mode in SHARED else f"{model}-{mode}", cfg)
-        video = torch.randn(b, 3, d.num_frames, d.crop_size, d.crop_size, device=DEVICE, dtype=ACT_DTYPE)
-        device_masks = masks.to(DEVICE)
-
-        def step() -> None:
-            train_step(models, backend, [(video, device_masks)], lr=lr, wd=wd, momentum=momentum,
-                       clip_grad=opt.clip_grad, loss_exp=cfg.loss.loss_exp, dtype=cfg.meta.dtype)
-
-        return _measure(benchmark, step, info)
+        return _measure(benchmark, make_step(case, models, backend, DEVICE), info)
 
     median = _run_or_skip(cache, f"{model} batch {b} {mode}", run)
     if median is not None:
-        info.update(samples_per_s=b / median, tokens_per_s=tokens / median)
-        _rates(info, flops, median)
+        info.update(samples_per_s=b / median, tokens_per_s=case.tokens / median)
+        _rates(info, case.flops, median)
 
 
 @pytest.mark.parametrize("model", list(MODELS)[::-1])  # the last trained model's target encoder is still built

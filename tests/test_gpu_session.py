@@ -71,3 +71,11 @@ def test_compare_reference_step_writes_its_json(tmp_path):
     result = json.loads((tmp_path / "compare_tiny_synthetic.json").read_text())
     assert result["ratios"]["samples_per_s_truncated"] > 0 and result["loss_check"]["abs_diff"] < 1e-5
     assert "== compare_reference: ok" in (tmp_path / "session.log").read_text()
+
+
+def test_profile_step_writes_its_summary(tmp_path):
+    proc = _session(tmp_path, "--dry-run", "--only", "profile")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((tmp_path / "profile.json").read_text())["results"]
+    assert [r["name"] for r in results] == ["tiny_synthetic-packed"] and results[0]["batch"] == 2
+    assert "profile: ok" in (tmp_path / "session.log").read_text()
