@@ -117,7 +117,7 @@ else
 fi
 
 # (c) every GPU test (exit 5: none collected, not a failure)
-step gpu_tests 150 "$(q "$PY") -m pytest tests -m gpu -q -p no:cacheprovider --junitxml=$(q "$OUT/gpu_tests.xml")" 5
+step gpu_tests 240 "$(q "$PY") -m pytest tests -m gpu -q -p no:cacheprovider --junitxml=$(q "$OUT/gpu_tests.xml")" 5
 
 # (d) the benchmarks, most important first
 for entry in "${BENCHMARKS[@]}"; do
