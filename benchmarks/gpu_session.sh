@@ -11,9 +11,9 @@
 #     --dry-run    hide CUDA and skip the wheel install: the same commands run on the CPU, where the benchmarks take
 #                  their tiny interpreted shapes, so this script is testable without a GPU (tests/test_gpu_session.py)
 #   GIT_COMMIT: the device receives the working tree without .git, so the commit travels in the environment.
-# Steps: wheels, gpu_tests, bench_<name> for each entry of BENCHMARKS, profile, compare_reference, aot.
+# Steps: wheels, gpu_tests, bench_<name> for each entry of BENCHMARKS, profile, memory_fit, compare_reference, aot.
 # $OUT receives env.json, session.log (every step's output), gpu_tests.xml, bench_<name>.json, profile.json,
-# compare_<config>.json, aot.json. The device returns at most 8 files from $OUT: once BENCHMARKS grows past that, split the session into calls
+# memory_fit.json, compare_<config>.json, aot.json. The device returns at most 8 files from $OUT: once BENCHMARKS grows past that, split the session into calls
 # with --only.
 # compare_reference runs benchmarks/compare_reference.py (this engine against facebookresearch/jepa on the same GPU)
 # on ViT-L/16-224 and ViT-H/16-384 (the tiny config in a dry run) when a checkout of the reference is at
@@ -28,8 +28,8 @@ cd "$(dirname "$0")/.."
 # benchmark name (benchmarks/test_bench_<name>.py) : time limit in seconds, in priority order. Attention comes first:
 # its results fill models/attention_table.json (auto's backends); then the whole training step (ViT-L/224 and
 # ViT-H/384 in both mask modes, the eval forward, the GEMM peak). The limits add up to more than one default budget:
-# whatever runs out of time goes into a second call with --only. All steps would write 10 files, two more than the
-# device returns: a full session takes two calls anyway (e.g. --only bench_loader,aot as the second).
+# whatever runs out of time goes into a second call with --only. All steps would write 11 files, three more than the
+# device returns: a full session takes two calls anyway (e.g. --only bench_loader,memory_fit,aot as the second).
 BENCHMARKS=(attention:180 train_step:300 tubelet_embed:180 masked_l1_loss:90 ema:120 loader:120)
 RESERVE=15  # seconds at the end of the budget kept for the summary
 
@@ -50,7 +50,7 @@ done
 : "${OUT:?set OUT to the folder that receives the results}"
 STEPS=(wheels gpu_tests)
 for b in "${BENCHMARKS[@]}"; do STEPS+=("bench_${b%%:*}"); done
-STEPS+=(profile compare_reference aot)
+STEPS+=(profile memory_fit compare_reference aot)
 for name in ${ONLY//,/ }; do
   [[ " ${STEPS[*]} " == *" $name "* ]] && continue
   echo "gpu_session.sh: unknown step '$name' (steps: ${STEPS[*]})" >&2; exit 2
@@ -135,7 +135,19 @@ cmd="$(q "$PY") benchmarks/profile_step.py"
 for cfg in "${profiled[@]}"; do cmd+=" --config $cfg"; done
 step profile 180 "$cmd --json $(q "$OUT/profile.json") $extra"
 
-# (f) this engine against the reference on the same device, when a checkout of it was carried
+# (f) the small-GPU recipe measured (README "On one small GPU"): ViT-L/16-224 with the allocator capped at 24 GiB at
+# the batches the README quotes, checkpointing off and on; ViT-H/16-384 at its batch 10 capped at 80 GiB (the recipe
+# must fit one 80 GB GPU); benchmarks/memory_fit.py. The dry run: the tiny config, uncapped.
+fits=("--config configs/vitl16.json --cap-gib 24 --batch 8,12,16,24" "--config configs/vith16_384.json --cap-gib 80")
+((DRY)) && fits=("--config configs/tiny_synthetic.json --batch 1,2")
+cmd="rc=0" append=""
+for fit in "${fits[@]}"; do
+  cmd+="; $(q "$PY") benchmarks/memory_fit.py $fit --json $(q "$OUT/memory_fit.json") $append || rc=1"
+  append="--append"
+done
+step memory_fit 240 "$cmd; exit \$rc"
+
+# (g) this engine against the reference on the same device, when a checkout of it was carried
 REFERENCE=${VJEPA_REFERENCE:-.ref/jepa}
 if [[ ! -d $REFERENCE/src || ! -d $REFERENCE/app ]]; then
   skip compare_reference "no facebookresearch/jepa checkout at $REFERENCE (see the usage above)"
@@ -150,7 +162,7 @@ else
   step compare_reference 240 "$cmd; exit \$rc"
 fi
 
-# (g) compile every kernel configuration for sm_90 (works on a CPU too; not under the interpreter)
+# (h) compile every kernel configuration for sm_90 (works on a CPU too; not under the interpreter)
 if [[ -f kernels/aot.py ]]; then
   step aot 90 "env -u TRITON_INTERPRET $(q "$PY") -m kernels.aot --json > $(q "$OUT/aot.json")"
 else

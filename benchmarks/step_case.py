@@ -37,9 +37,11 @@ class StepCase:
         return {kind: [counts[f"{kind}_tokens_{g}"] for g in range(num_gen)] for kind in ("context", "target")}
 
 
-def step_case(cfg: Config) -> StepCase:
+def step_case(cfg: Config, mask_step: int = MASK_STEP) -> StepCase:
+    """The step with the masks the loop would draw at `mask_step` (its clips' sample indices start at step x batch)."""
     d, opt = cfg.data, cfg.optimization
-    masks = MaskMaker(cfg.mask, cfg.grid, cfg.meta.seed, d.mask_type)(MASK_STEP, 0, d.batch_size)
+    masks = MaskMaker(cfg.mask, cfg.grid, cfg.meta.seed, d.mask_type)(mask_step, mask_step * d.batch_size,
+                                                                      d.batch_size)
     flops, tokens = micro_batch_cost(cfg, masks, flop_dims(cfg))
     steady = (opt.warmup + 1) * opt.ipe  # the first step after warm-up: clipping on (engine/loop.py)
     return StepCase(cfg, masks, flops, tokens, Schedules.from_config(opt).at(steady))

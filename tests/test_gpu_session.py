@@ -79,3 +79,13 @@ def test_profile_step_writes_its_summary(tmp_path):
     results = json.loads((tmp_path / "profile.json").read_text())["results"]
     assert [r["name"] for r in results] == ["tiny_synthetic-packed"] and results[0]["batch"] == 2
     assert "profile: ok" in (tmp_path / "session.log").read_text()
+
+
+def test_memory_fit_step_writes_one_json_of_every_run(tmp_path):
+    proc = _session(tmp_path, "--dry-run", "--only", "memory_fit")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run, = json.loads((tmp_path / "memory_fit.json").read_text())["runs"]
+    assert run["config"] == "configs/tiny_synthetic.json"
+    assert [(c["batch"], c["checkpointing"], c["status"]) for c in run["cases"]] == \
+        [(1, 0, "ok"), (2, 0, "ok"), (1, 1, "ok"), (2, 1, "ok")]
+    assert "memory_fit: ok" in (tmp_path / "session.log").read_text()
