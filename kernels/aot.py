@@ -111,17 +111,25 @@ def embed_specs() -> list[Spec]:
 def l1_loss_specs() -> list[Spec]:
     args = ("PRED, TARGET, INDEX, GRAD, PARTIAL, SEG_END, SEG_SCALE, T, D, loss_exp, eps, s_pred, s_target, s_grad, "
             "NUM_SEGMENTS, EXP_IS_ONE, WRITE_GRAD, BLOCK_R, BLOCK_D")
+    scale_args = "GRAD, OUT, SEG_END, SEG_SCALE, GRAD_LOSS, T, D, s_grad, s_out, NUM_SEGMENTS, BLOCK_R, BLOCK_D"
     specs = []
-    for dtype in ("bf16", "fp32"):
+    # (pred, target): autocast's predictor output against the target encoder's, both 16-bit or the target in fp32
+    for pred, target in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
         for d in (1024, 1280):  # ViT-L and ViT-H widths
             block_d = triton.next_power_of_2(d)
+            block_r = l1_loss._block_rows(block_d)
             for exp_is_one in (True, False):
-                const = dict(NUM_SEGMENTS=2, EXP_IS_ONE=exp_is_one, WRITE_GRAD=True,
-                             BLOCK_R=l1_loss._block_rows(block_d), BLOCK_D=block_d)
-                types = dict(PRED=f"*{dtype}", TARGET=f"*{dtype}", INDEX="*i64", GRAD=f"*{dtype}", PARTIAL="*fp32",
+                const = dict(NUM_SEGMENTS=2, EXP_IS_ONE=exp_is_one, WRITE_GRAD=True, BLOCK_R=block_r, BLOCK_D=block_d)
+                types = dict(PRED=f"*{pred}", TARGET=f"*{target}", INDEX="*i64", GRAD=f"*{pred}", PARTIAL="*fp32",
                              SEG_END="*i32", SEG_SCALE="*fp32", loss_exp="fp32", eps="fp32")
-                specs.append(_spec(f"l1_loss dtype={dtype} D={d} exp_is_one={exp_is_one}", l1_loss._l1_loss_kernel,
-                                   args, types, const, l1_loss._num_warps(block_d), 1, "D, s_pred, s_target, s_grad"))
+                specs.append(_spec(f"l1_loss pred={pred} target={target} D={d} exp_is_one={exp_is_one}",
+                                   l1_loss._l1_loss_kernel, args, types, const, l1_loss._num_warps(block_d), 1,
+                                   "D, s_pred, s_target, s_grad"))
+            if pred == target:  # the backward's row scale depends on pred's dtype alone
+                types = dict(GRAD=f"*{pred}", OUT=f"*{pred}", SEG_END="*i32", SEG_SCALE="*fp32", GRAD_LOSS="*fp32")
+                specs.append(_spec(f"l1_loss_scale_rows dtype={pred} D={d}", l1_loss._scale_rows_kernel, scale_args,
+                                   types, dict(NUM_SEGMENTS=2, BLOCK_R=block_r, BLOCK_D=block_d),
+                                   l1_loss._num_warps(block_d), 1, "D, s_grad, s_out"))
     return specs
 
 
@@ -129,7 +137,9 @@ def ema_specs() -> list[Spec]:
     args = "TABLE, CHUNK_TENSOR, CHUNK_START, momentum, one_minus_momentum, TARGET_DTYPE, ONLINE_DTYPE, CHUNK, BLOCK"
     chunk, block = ema._chunk_size()
     specs = []
-    for t_dtype, o_dtype in ((tl.float32, tl.float32), (tl.bfloat16, tl.float32), (tl.bfloat16, tl.bfloat16)):
+    # fp32 target of fp32 weights (the faithful default) or of bf16 weights (deepspeed.bf16), bf16 targets
+    for t_dtype, o_dtype in ((tl.float32, tl.float32), (tl.float32, tl.bfloat16), (tl.bfloat16, tl.float32),
+                             (tl.bfloat16, tl.bfloat16)):
         const = dict(TARGET_DTYPE=t_dtype, ONLINE_DTYPE=o_dtype, CHUNK=chunk, BLOCK=block)
         types = dict(TABLE="*i64", CHUNK_TENSOR="*i32", CHUNK_START="*i64", momentum="fp32",
                      one_minus_momentum="fp32")

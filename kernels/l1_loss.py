@@ -7,8 +7,12 @@ mean per mask generator and averages the generators, whatever their number of ta
 Why the kernel pays: the reference reads the (T, D) target rows to gather them, writes them, reads them to normalise,
 writes the normalised copy, reads it and pred to subtract, writes the difference, reads it to reduce, and in
 backward reads it again to write pred's gradient: about 9 passes over (T, D). The kernel reads each target row and
-pred once and writes pred's gradient once (3 passes): d/dpred |d|^p / p = |d|^(p-1) sign(d), scaled by the row's
-segment weight, is known in the forward pass, so backward is a single scale by the incoming scalar gradient.
+pred once and writes the derivative once (3 passes): d/dpred |d|^p = p |d|^(p-1) sign(d) is known in the forward
+pass, so backward is one pass that scales each row by its segment's weight times the incoming gradient.
+That product is formed in fp32 in backward, not folded into the stored derivative: a row's weight
+1 / (segments * rows * D * p) is ~1e-8 at paper scale (ViT-H/384, batch 10: ~3e4 target rows per generator x 1280),
+which fp16 rounds to 0 and which a loss scale (GradScaler's 65536, itself inf in fp16) only rescues if it multiplies
+before the rounding; the stored derivative (sign(d) for p = 1) is exact in any dtype.
 The target gets no gradient: in V-JEPA it is the EMA encoder's output, computed without autograd.
 """
 
@@ -51,6 +55,18 @@ def masked_l1_loss_ref(pred: torch.Tensor, target: torch.Tensor, token_index: to
 
 
 @triton.jit
+def _row_weight(rows, SEG_END, SEG_SCALE, NUM_SEGMENTS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Each row's weight (fp32): its segment's share of the loss, SEG_SCALE[g] for the rows of segment g."""
+    weight = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    seg_start = 0
+    for g in tl.static_range(NUM_SEGMENTS):
+        seg_end = tl.load(SEG_END + g)
+        weight = tl.where((rows >= seg_start) & (rows < seg_end), tl.load(SEG_SCALE + g), weight)
+        seg_start = seg_end
+    return weight
+
+
+@triton.jit
 def _l1_loss_kernel(
     PRED, TARGET, INDEX, GRAD, PARTIAL, SEG_END, SEG_SCALE,
     T, D, loss_exp, eps,
@@ -60,7 +76,8 @@ def _l1_loss_kernel(
     NUM_SEGMENTS: tl.constexpr, EXP_IS_ONE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """BLOCK_R rows per program. PARTIAL[pid] = sum_rows w_row * sum_d |d|^p; GRAD = w_row * p |d|^(p-1) sign(d).
+    """BLOCK_R rows per program. PARTIAL[pid] = sum_rows w_row * sum_d |d|^p; GRAD = p |d|^(p-1) sign(d), unweighted
+    (`_scale_rows_kernel` applies w_row in backward).
 
     w_row = 1 / (segments * rows_of_its_segment * D * p), so the loss is the sum of the partials.
     """
@@ -79,14 +96,7 @@ def _l1_loss_kernel(
     diff = tl.load(PRED + rows[:, None] * s_pred + cols[None, :], mask=mask, other=0.0).to(tl.float32) \
         - xc * rstd[:, None]
 
-    # each row's weight: its segment's share of the loss
-    weight = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    seg_start = 0
-    for g in tl.static_range(NUM_SEGMENTS):
-        seg_end = tl.load(SEG_END + g)
-        weight = tl.where((rows >= seg_start) & (rows < seg_end), tl.load(SEG_SCALE + g), weight)
-        seg_start = seg_end
-
+    weight = _row_weight(rows, SEG_END, SEG_SCALE, NUM_SEGMENTS, BLOCK_R)
     mag = tl.abs(diff)
     sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))  # torch's abs'(0) = 0
     if EXP_IS_ONE:
@@ -98,8 +108,25 @@ def _l1_loss_kernel(
         grad = tl.where(mag > 0, loss_exp * tl.exp2((loss_exp - 1.0) * tl.log2(safe)), 0.0) * sign
     tl.store(PARTIAL + pid, tl.sum(tl.sum(tl.where(mask, err, 0.0), axis=1) * weight, axis=0))
     if WRITE_GRAD:
-        tl.store(GRAD + rows[:, None] * s_grad + cols[None, :], (grad * weight[:, None]).to(GRAD.dtype.element_ty),
-                 mask=mask)
+        tl.store(GRAD + rows[:, None] * s_grad + cols[None, :], grad.to(GRAD.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(
+    GRAD, OUT, SEG_END, SEG_SCALE, GRAD_LOSS,
+    T, D,
+    s_grad, s_out,
+    NUM_SEGMENTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """OUT = GRAD * (w_row * GRAD_LOSS), the product in fp32 and one rounding to OUT's dtype (the reference path's
+    rounding: its fp32 gradient is cast to pred's dtype once). GRAD_LOSS is read on the device: no host sync."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < T)[:, None] & (cols < D)[None, :]
+    scale = _row_weight(rows, SEG_END, SEG_SCALE, NUM_SEGMENTS, BLOCK_R) * tl.load(GRAD_LOSS).to(tl.float32)
+    g = tl.load(GRAD + rows[:, None] * s_grad + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + rows[:, None] * s_out + cols[None, :], (g * scale[:, None]).to(OUT.dtype.element_ty), mask=mask)
 
 
 INTERPRET_ROWS = 4  # rows per program under the interpreter: small tests still span several programs
@@ -116,39 +143,58 @@ def _num_warps(block_d: int) -> int:
     return 4 if block_d <= 1024 else 8
 
 
+def _segment_tables(segments: tuple[int, ...], d: int, loss_exp: float,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(end row, weight) per segment on the device. Host-side constants travel with the launch: no device sync."""
+    seg_end = torch.tensor(list(itertools.accumulate(segments)), dtype=torch.int32).to(device, non_blocking=True)
+    seg_scale = torch.tensor([1.0 / (len(segments) * s * d * loss_exp) for s in segments],
+                             dtype=torch.float32).to(device, non_blocking=True)
+    return seg_end, seg_scale
+
+
 def _loss_forward(pred: torch.Tensor, target: torch.Tensor, token_index: torch.Tensor, loss_exp: float,
-                  segments: tuple[int, ...], write_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  seg_end: torch.Tensor, seg_scale: torch.Tensor,
+                  write_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     t, d = pred.shape
     block_d = triton.next_power_of_2(d)
     block_r = _block_rows(block_d)
     programs = triton.cdiv(t, block_r)
     partial = torch.empty(programs, device=pred.device, dtype=torch.float32)
     grad = torch.empty_like(pred) if write_grad else None
-    # host-side constants travel with the launch: no device sync, no extra kernel
-    seg_end = torch.tensor(list(itertools.accumulate(segments)), dtype=torch.int32).to(pred.device, non_blocking=True)
-    seg_scale = torch.tensor([1.0 / (len(segments) * s * d * loss_exp) for s in segments],
-                             dtype=torch.float32).to(pred.device, non_blocking=True)
     dispatch.count("masked_l1_loss")
     _l1_loss_kernel[(programs,)](
         pred, target, token_index, grad if grad is not None else pred, partial, seg_end, seg_scale,
         t, d, float(loss_exp), LN_EPS,
         pred.stride(0), target.stride(0), grad.stride(0) if grad is not None else 0,
-        NUM_SEGMENTS=len(segments), EXP_IS_ONE=loss_exp == 1.0, WRITE_GRAD=write_grad,
+        NUM_SEGMENTS=seg_end.numel(), EXP_IS_ONE=loss_exp == 1.0, WRITE_GRAD=write_grad,
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_d), num_stages=1)
     return partial.sum(), grad
+
+
+def _scale_rows(grad: torch.Tensor, seg_end: torch.Tensor, seg_scale: torch.Tensor,
+                grad_loss: torch.Tensor) -> torch.Tensor:
+    t, d = grad.shape
+    out = torch.empty_like(grad)
+    block_d = triton.next_power_of_2(d)
+    block_r = _block_rows(block_d)
+    _scale_rows_kernel[(triton.cdiv(t, block_r),)](
+        grad, out, seg_end, seg_scale, grad_loss.float(), t, d, grad.stride(0), out.stride(0),
+        NUM_SEGMENTS=seg_end.numel(), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_d), num_stages=1)
+    return out
 
 
 class _MaskedL1Loss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, target, token_index, loss_exp, segments):
-        loss, grad = _loss_forward(pred, target, token_index, loss_exp, segments, ctx.needs_input_grad[0])
-        ctx.save_for_backward(grad)
+        seg_end, seg_scale = _segment_tables(segments, pred.shape[1], loss_exp, pred.device)
+        loss, grad = _loss_forward(pred, target, token_index, loss_exp, seg_end, seg_scale, ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad, seg_end, seg_scale)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None
+        grad, seg_end, seg_scale = ctx.saved_tensors
+        return _scale_rows(grad, seg_end, seg_scale, grad_loss), None, None, None, None
 
 
 def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, token_index: torch.Tensor, *, loss_exp: float = 1.0,

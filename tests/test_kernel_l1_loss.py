@@ -94,3 +94,22 @@ def test_bf16_error_within_twice_the_references(d):
     # the gradient is sign(d) * w: where |d| is within rounding of 0 either implementation may flip a sign (2w
     # apart), so compare mean errors, which a handful of such elements cannot move
     assert (g_ours - g_exact).abs().mean() <= 2 * (g_theirs - g_exact).abs().mean() + 1e-12
+
+
+@pytest.mark.parametrize("upstream", [1.0 / 3.0, 65536.0])
+def test_fp16_gradient_is_rounded_once_after_the_loss_scale(upstream):
+    """pred's gradient is w_row * sign(d) * upstream rounded once to pred's dtype, as the reference's fp32 gradient
+    cast back at `pred.float()`. With fp16 (numpy has it, so the interpreter runs it) a weight folded into the stored
+    derivative would round w_row in forward and a cast upstream would round 1/3 (an accumulation of 3) and overflow
+    GradScaler's 65536 to inf."""
+    g = torch.Generator().manual_seed(7)
+    target = torch.randn(31, 40, generator=g)
+    index = torch.randint(0, 31, (19,), generator=g)
+    pred = torch.randn(19, 40, generator=g).half().requires_grad_()
+    loss = masked_l1_loss(pred, target, index, segments=(7, 12), impl="triton")
+    ref = masked_l1_loss_ref(pred, target, index, segments=(7, 12))
+    (grad,) = torch.autograd.grad(loss * upstream, pred)
+    (ref_grad,) = torch.autograd.grad(ref * upstream, pred)
+    assert grad.dtype == torch.float16 and torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, ref_grad, atol=0, rtol=2 ** -10)  # within one fp16 rounding of each other
+
