@@ -87,33 +87,53 @@ class Backend:
 
 
 class TorchBackend(Backend):
-    def __init__(self, encoder: nn.Module, predictor: nn.Module, cfg: Config) -> None:
+    """AdamW on one process (or DDP-free ranks that never all-reduce: meta.backend=torch is single-GPU).
+
+    Loss scaling: under fp16 autocast (meta.dtype=float16 on a GPU) the reference's GradScaler (initial scale 2^16,
+    dynamic): a gradient of ~1e-8 (the loss's per-element weight at paper scale) is below fp16's range unless the
+    loss is scaled first. The scale is removed before clipping, and a step whose gradients overflowed is skipped
+    while the scale halves. bf16 has fp32's exponent range and needs none (the reference runs a scaler there too,
+    which changes no number except skipping steps with non-finite gradients, which engine/faults.py does by the
+    loss); fp32 and the CPU run none. `loss_scaling` overrides the choice (tests)."""
+
+    def __init__(self, encoder: nn.Module, predictor: nn.Module, cfg: Config, *,
+                 loss_scaling: bool | None = None) -> None:
         self.encoder, self.predictor = encoder, predictor
         self.optimizer = _adamw(encoder, predictor, cfg)
         self.accumulation_steps = cfg.accumulation_steps
+        cuda = next(encoder.parameters()).is_cuda
+        enabled = cfg.meta.dtype == "float16" and cuda if loss_scaling is None else loss_scaling
+        self.scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=enabled)
 
     def backward(self, loss: torch.Tensor, *, boundary: bool = True) -> None:
         # the mean over micro-batches, as DeepSpeed's engine.backward scales (exact for 1: no division)
-        (loss if self.accumulation_steps == 1 else loss / self.accumulation_steps).backward()
+        self.scaler.scale(loss if self.accumulation_steps == 1 else loss / self.accumulation_steps).backward()
 
     def clip_and_step(self, clip_grad: float | None, *,
                       boundary_backward: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self.scaler.unscale_(self.optimizer)  # the clipping threshold is in unscaled units (a no-op without scaling)
         norms = None
         if clip_grad:
             norms = (torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), clip_grad),
                      torch.nn.utils.clip_grad_norm_(self.predictor.parameters(), clip_grad))
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped when a gradient overflowed; optimizer.step() without scaling
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return norms
 
     def state_dict(self) -> dict[str, Any]:
-        return {"encoder": self.encoder.state_dict(), "predictor": self.predictor.state_dict(),
-                "opt": self.optimizer.state_dict()}
+        state = {"encoder": self.encoder.state_dict(), "predictor": self.predictor.state_dict(),
+                 "opt": self.optimizer.state_dict()}
+        if self.scaler.is_enabled():  # the reference's key; its scale and growth tracker resume with the run
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.encoder.load_state_dict(state["encoder"])
         self.predictor.load_state_dict(state["predictor"])
         self.optimizer.load_state_dict(state["opt"])
+        if self.scaler.is_enabled() and state.get("scaler"):  # a run started in bf16 has none: the initial scale
+            self.scaler.load_state_dict(state["scaler"])
 
 
 BF16_NOTICE = ("notice: deepspeed.bf16.enabled: the encoder and predictor weights are bf16 (fp32 master copies in the "
@@ -140,8 +160,9 @@ def check_deepspeed_config(ds_config: dict[str, Any]) -> tuple[int, bool]:
         raise ConfigError("deepspeed.managed_gradient_accumulation=false: the step marks the accumulation boundary "
                           "itself (engine.set_gradient_accumulation_boundary, managed mode only): leave it out")
     if ds_config.get("fp16", {}).get("enabled"):
-        raise ConfigError("deepspeed.fp16 is not supported (fp16 weights with loss scaling); meta.dtype=float16 "
-                          "gives fp16 autocast over fp32 weights")
+        raise ConfigError("deepspeed.fp16 is not supported (fp16 weights with loss scaling): use meta.dtype=bfloat16, "
+                          "or meta.dtype=float16 with --meta.backend=torch (fp16 autocast over fp32 weights, loss "
+                          "scaled)")
     bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
     if bf16 and stage == 0:
         raise ConfigError("deepspeed.bf16 with ZeRO stage 0 runs DeepSpeed's FP16_UnfusedOptimizer, which takes a "
@@ -254,10 +275,16 @@ class DeepSpeedBackend(Backend):
         the two modules are cast to bf16 (the CPU runs without autocast); the target encoder stays fp32 outside the
         engine and its EMA reads the bf16 weights; the loss is computed in fp32 as always. Stage 0 is refused with
         bf16: DeepSpeed's optimizer there (FP16_UnfusedOptimizer) takes a zero-gradient AdamW step at start.
-      * `fp16.enabled` is refused: fp16 weights need loss scaling (meta.dtype=float16 gives fp16 autocast instead).
+      * `fp16.enabled` is refused: fp16 weights need loss scaling. So is meta.dtype=float16 (fp16 autocast): its
+        gradients need a loss scale removed from the ZeRO partitions before the per-network clipping, which only the
+        PyTorch backend (meta.backend=torch, torch.amp.GradScaler) does.
     """
 
     def __init__(self, encoder: nn.Module, predictor: nn.Module, cfg: Config, target_encoder: nn.Module) -> None:
+        if cfg.meta.dtype == "float16":
+            raise ConfigError("meta.dtype=float16 under DeepSpeed: fp16 autocast needs loss scaling, which only the "
+                              "PyTorch backend applies (the reference's GradScaler); use meta.dtype=bfloat16 (the "
+                              "recipes' choice, any GPU since A100) or --meta.backend=torch")
         try:
             import deepspeed
         except ImportError:
@@ -370,7 +397,8 @@ class DeepSpeedBackend(Backend):
         return client_state
 
     def _load_engine(self, folder: str) -> dict[str, Any] | None:
-        tag = ds_checkpoint.resume_tag(folder, self.engine.global_rank, warn=lambda w: print(w, flush=True))
+        tag = ds_checkpoint.resume_tag(folder, self.engine.global_rank, warn=lambda w: print(w, flush=True),
+                                       device=self.engine.device)
         if tag is None:
             return None
         saved = ds_checkpoint.saved_world_size(folder, tag)

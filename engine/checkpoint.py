@@ -139,15 +139,17 @@ def rng_state() -> dict[str, Any]:
     """Every global RNG (torch CPU and CUDA, NumPy, Python), in types `torch.load(weights_only=True)` accepts. The
     engine's own randomness (masks, clips, crops) is a function of the step and sample index; these cover the rest."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    # CUDA: this process's device only (a rank's own); every visible device's would not restore where fewer are visible
+    return {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():  # files of earlier versions hold one state per visible device
+        current = torch.cuda.current_device()
+        torch.cuda.set_rng_state(state["cuda"][current if current < len(state["cuda"]) else 0])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))

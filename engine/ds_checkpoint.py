@@ -116,9 +116,11 @@ def _opens(tag_dir: Path, rank: int) -> bool:
     return True
 
 
-def resume_tag(folder: str | Path, rank: int, warn: Callable[[str], None]) -> str | None:
+def resume_tag(folder: str | Path, rank: int, warn: Callable[[str], None],
+               device: torch.device | None = None) -> str | None:
     """The tag a rerun resumes from: `latest`, else the newest older tag whose files open on every rank (each damaged
-    one named by rank 0 in `warn`); None without `latest`; UnreadableCheckpoint when none opens. Collective."""
+    one named by rank 0 in `warn`); None without `latest`; UnreadableCheckpoint when none opens. Collective, over a
+    tensor on `device`: the process group's (NCCL reduces CUDA tensors only; gloo the CPU's)."""
     folder = Path(folder)
     latest = latest_tag(folder)
     if latest is None:
@@ -126,7 +128,7 @@ def resume_tag(folder: str | Path, rank: int, warn: Callable[[str], None]) -> st
     newest = _step(latest)
     steps = sorted((_step(p.name), p.name) for p in folder.iterdir() if p.is_dir() and _step(p.name) is not None)
     tags = [latest, *(name for step, name in reversed(steps) if newest is not None and step < newest)]
-    whole = torch.tensor([float(_opens(folder / tag, rank)) for tag in tags])
+    whole = torch.tensor([float(_opens(folder / tag, rank)) for tag in tags], device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(whole, op=torch.distributed.ReduceOp.MIN)  # whole only if whole everywhere
     for i, (tag, ok) in enumerate(zip(tags, whole.tolist())):

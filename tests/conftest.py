@@ -2,7 +2,10 @@
 
 TRITON_INTERPRET=1 is set here, before anything imports `kernels`: Triton reads it when a @triton.jit decorator
 runs, so it lets `impl="triton"` run the kernels on the CPU. Ops with impl=None still follow the configured default
-(`auto`: the PyTorch references on CPU), so the rest of the suite is unaffected.
+(`auto`: the PyTorch references on CPU), so the rest of the suite is unaffected. The interpreter is one per process,
+so the tests marked `gpu` (compiled kernels on CUDA tensors) run in their own: `TRITON_INTERPRET=0 pytest tests -m
+gpu` (gpu_session.sh's gpu_tests step). Interpreted, they are skipped with that command as the reason: the
+interpreter would read the EMA kernel's table of device addresses from host memory.
 """
 
 import os
@@ -47,3 +50,17 @@ def tiny_run(tmp_path_factory, synthetic_root):
         "--data.synthetic_root=null", f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]",
         "--data.num_workers=0", "--data.batch_size=4", "--meta.max_steps=2", f"--logging.folder={folder}"]))
     return folder
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    from kernels.dispatch import interpreted
+
+    if not (interpreted() and torch.cuda.is_available()):
+        return
+    skip = pytest.mark.skip(reason="GPU tests run compiled kernels, and this process interprets them (TRITON_INTERPRET "
+                                   "is set): run TRITON_INTERPRET=0 pytest tests -m gpu")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from .test_compare_reference import REFERENCE
 
@@ -89,3 +90,28 @@ def test_memory_fit_step_writes_one_json_of_every_run(tmp_path):
     assert [(c["batch"], c["checkpointing"], c["status"]) for c in run["cases"]] == \
         [(1, 0, "ok"), (2, 0, "ok"), (1, 1, "ok"), (2, 1, "ok")]
     assert "memory_fit: ok" in (tmp_path / "session.log").read_text()
+
+
+def test_gpu_tests_are_skipped_where_triton_is_interpreted_on_a_gpu(monkeypatch):
+    """The GPU tests need compiled kernels; a process whose Triton is interpreted (this suite's conftest) skips them
+    on a GPU machine with the command that runs them, and leaves everything else alone."""
+    from tests.conftest import pytest_collection_modifyitems
+
+    class Item:
+        def __init__(self, gpu):
+            self.keywords = {"gpu": True} if gpu else {}
+            self.markers = []
+
+        def add_marker(self, marker):
+            self.markers.append(marker)
+
+    items = [Item(True), Item(False)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest_collection_modifyitems(None, items)
+    assert [len(i.markers) for i in items] == [1, 0]
+    assert "TRITON_INTERPRET=0 pytest tests -m gpu" in items[0].markers[0].kwargs["reason"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled: the GPU tests run
+    items = [Item(True)]
+    pytest_collection_modifyitems(None, items)
+    assert items[0].markers == []

@@ -42,6 +42,22 @@ def test_training_runs_the_compiled_kernels_and_resumes(tiny_config, tmp_path, c
         assert rest["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-2)
 
 
+def test_float16_autocast_trains_with_loss_scaling_and_resumes(tiny_config, tmp_path):
+    # warmup 0: clipping, hence the gradient norms in metrics.csv, from the first step
+    fp16 = (*GPU, "--meta.dtype=float16", "--optimization.warmup=0")
+    straight = train(tiny_config(*fp16, "--meta.max_steps=6", f"--logging.folder={tmp_path}/a"))
+    rows = _rows(tmp_path / "a")
+    assert all(math.isfinite(v) for v in straight["losses"].values())
+    # fp16's smallest gradients survive only if the loss is scaled before backward: the norms must be finite, > 0
+    assert all(0 < float(r["enc_grad_norm"]) < math.inf and 0 < float(r["pred_grad_norm"]) < math.inf for r in rows)
+    train(tiny_config(*fp16, "--meta.max_steps=3", f"--logging.folder={tmp_path}/b"))
+    assert "scaler" in torch.load(sorted((tmp_path / "b").glob("*-step*.pth.tar"))[-1], weights_only=False)
+    rest = train(tiny_config(*fp16, "--meta.max_steps=6", f"--logging.folder={tmp_path}/b"))
+    assert rest["start_step"] == 3
+    for step in (4, 5, 6):
+        assert rest["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-2)
+
+
 @pytest.mark.parametrize("bf16_weights", [False, True], ids=["fp32-weights", "bf16-weights"])
 def test_deepspeed_zero2_on_one_gpu(synthetic_root, tmp_path, bf16_weights):
     run = ("import sys\n"
@@ -50,12 +66,14 @@ def test_deepspeed_zero2_on_one_gpu(synthetic_root, tmp_path, bf16_weights):
            "sys.exit(main())\n")
     args = ["--config", "configs/tiny_synthetic.json", "--data.synthetic_root=null",
             f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]", "--data.batch_size=4", *GPU,
-            "--meta.max_steps=3", "--meta.backend=deepspeed", "--deepspeed.zero_optimization.stage=2",
+            "--meta.backend=deepspeed", "--deepspeed.zero_optimization.stage=2",
             f"--deepspeed.bf16.enabled={str(bf16_weights).lower()}", f"--logging.folder={tmp_path}/ds"]
-    done = subprocess.run([sys.executable, "-c", run, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "on cuda:0" in done.stdout and "backend deepspeed" in done.stdout
-    losses = [float(r["loss"]) for r in _rows(tmp_path / "ds")]
-    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
-    assert (tmp_path / "ds" / "deepspeed" / "latest").read_text().strip() == "step3"
+    for steps in (3, 5):  # the second run resumes: the checkpoint tags are agreed on over NCCL
+        done = subprocess.run([sys.executable, "-c", run, *args, f"--meta.max_steps={steps}"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert "on cuda:0" in done.stdout and "backend deepspeed" in done.stdout
+        assert ("resuming" in done.stdout) == (steps == 5)
+        losses = [float(r["loss"]) for r in _rows(tmp_path / "ds")]
+        assert len(losses) == steps and all(math.isfinite(v) for v in losses)
+        assert (tmp_path / "ds" / "deepspeed" / "latest").read_text().strip() == f"step{steps}"
