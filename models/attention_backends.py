@@ -178,6 +178,16 @@ def xformers_block_diagonal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
 # what auto may pick
 
 
+# cuDNN's fused attention computes wrong results for sequence lengths that are not multiples of 128 before 9.15.1
+# (pytorch/pytorch#169849); PyTorch's own default order prefers cuDNN only above it (sdp_utils.cpp,
+# check_prefer_cudnn_attention). Packed sets have any length, so auto holds to the same line.
+CUDNN_MIN_VERSION = 91501
+
+
+def cudnn_version() -> int | None:
+    return torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+
+
 def cannot_run(name: str, dtype: torch.dtype, head_dim: int, capability: tuple[int, int]) -> str | None:
     """Why backend `name` cannot run such inputs on a CUDA device of this compute capability, or None when it can.
 
@@ -198,4 +208,7 @@ def cannot_run(name: str, dtype: torch.dtype, head_dim: int, capability: tuple[i
         return f"needs a head dim divisible by 8, not {head_dim}"
     if name in ("sdpa_cudnn", "sdpa_flash", "torch_varlen", "flash_attn") and capability < (8, 0):
         return f"needs compute capability 8.0 or newer, not {capability[0]}.{capability[1]}"
+    if name == "sdpa_cudnn" and (cudnn_version() or 0) < CUDNN_MIN_VERSION:
+        return (f"needs cuDNN 9.15.1 or newer for lengths that are not multiples of 128 (pytorch/pytorch#169849), "
+                f"not {cudnn_version()}")
     return None

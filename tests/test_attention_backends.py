@@ -13,6 +13,7 @@ import torch
 from benchmarks import attention_table
 from engine.config import ConfigError, load_config
 from models import Packing, Predictor, PredictorLayout, Variant, VisionTransformer, attention
+from models import attention_backends
 from models.attention_backends import BackendUnavailable
 
 RUN_HERE = ("reference", "sdpa", "sdpa_math", "sdpa_flash", "sdpa_padded", "triton")  # a CPU's (triton interpreted)
@@ -209,6 +210,7 @@ FAKE = {
 }
 
 
+@pytest.mark.usefixtures("recent_cudnn")
 def test_table_script_and_auto_pick_within_5_percent_of_the_best(tmp_path, capsys):
     results = [_result(*key, p, m) for key, medians in FAKE.items() for p, m in medians.items()]
     results.append(_result("tiny", "ragged_context", 16, "fwd+bwd", "sdpa", 1.0, device="x86_64", interpreted=True))
@@ -241,6 +243,23 @@ def test_table_warns_when_no_backend_is_within_5_percent_everywhere():
     assert table == {"H100": {"dense_target": {"64": "sdpa"}}} and "2.00x the fastest" in warnings[0]
 
 
+@pytest.fixture
+def recent_cudnn(monkeypatch):
+    """The emulated H100's cuDNN: new enough for auto to pin its SDPA kernel (this CPU build has none)."""
+    monkeypatch.setattr(attention_backends, "cudnn_version", lambda: 91900)
+
+
+def test_auto_passes_over_cudnn_attention_before_9_15_1(monkeypatch):
+    monkeypatch.setattr(attention_backends, "cudnn_version", lambda: 91002)
+    choice = attention.auto_choice("dense_predictor", 24, torch.bfloat16, kind="H100", capability=(9, 0),
+                                   table={"H100": {"dense_predictor": {"24": "sdpa_cudnn"}}})
+    assert choice.backend == "sdpa_flash" and "cuDNN 9.15.1" in choice.rule and "91002" in choice.rule
+    monkeypatch.setattr(attention_backends, "cudnn_version", lambda: 91501)
+    assert attention.auto_choice("dense_predictor", 24, torch.bfloat16, kind="H100", capability=(9, 0),
+                                 table={}).backend == "sdpa_cudnn"
+
+
+@pytest.mark.usefixtures("recent_cudnn")
 def test_auto_without_a_table_entry_takes_the_first_backend_that_runs():
     def pick(case, head_dim, dtype, table=None):
         return attention.auto_choice(case, head_dim, dtype, kind="H100", capability=(9, 0), table=table or {})
@@ -254,6 +273,7 @@ def test_auto_without_a_table_entry_takes_the_first_backend_that_runs():
     assert unusable.backend == "sdpa_efficient" and "picks sdpa_cudnn" in unusable.rule and "float16" in unusable.rule
 
 
+@pytest.mark.usefixtures("recent_cudnn")
 def test_auto_reads_the_device_name_and_the_table(monkeypatch):
     """A fake CUDA device: the lookup goes device name -> kind -> table."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
