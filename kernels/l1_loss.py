@@ -214,4 +214,5 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, token_index: torch.
         raise ValueError(f"loss_exp must be positive, got {loss_exp}")
     target = target.reshape(-1, d)
     pred, target = (x if x.stride(-1) == 1 else x.contiguous() for x in (pred, target))
-    return _MaskedL1Loss.apply(pred, target, token_index, float(loss_exp), _segments(segments, pred.shape[0]))
+    return _MaskedL1Loss.apply(pred, target, token_index.contiguous(),  # the kernel reads ids at INDEX + row
+                               float(loss_exp), _segments(segments, pred.shape[0]))

@@ -302,4 +302,5 @@ def masked_tubelet_embed(video: torch.Tensor, weight: torch.Tensor, bias: torch.
     kind = video.device.type
     compute_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else video.dtype
     pos = None if pos_embed is None else pos_embed.reshape(-1, weight.shape[0])
-    return _MaskedTubeletEmbed.apply(video, weight, bias, pos, token_index, compute_dtype)
+    # the kernels read ids at INDEX + row: a strided view (every other id) must be made dense first
+    return _MaskedTubeletEmbed.apply(video, weight, bias, pos, token_index.contiguous(), compute_dtype)

@@ -45,6 +45,18 @@ def test_batched_target_layout_and_strided_pred():
     torch.testing.assert_close(loss, masked_l1_loss_ref(pred, target.reshape(30, 24), index))
 
 
+def test_strided_token_index_is_read_as_its_values():
+    """Every other id of a longer index (a strided view): the kernel must see the view's ids, not memory order."""
+    g = torch.Generator().manual_seed(11)
+    target = torch.randn(23, 16, generator=g)
+    index = torch.randint(0, 23, (18,), generator=g)[::2]
+    pred = torch.randn(9, 16, generator=g).requires_grad_()
+    loss = masked_l1_loss(pred, target, index, segments=(4, 5), impl="triton")
+    ref = masked_l1_loss_ref(pred, target, index, segments=(4, 5))
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(loss, pred)[0], torch.autograd.grad(ref, pred)[0])
+
+
 def test_generators_count_equally_whatever_their_size():
     """Rows [1, -1] normalise to about [1, -1]; pred [c, c] with c >= 1 then has mean |d| = c. Generator 0 (2 rows,
     c = 2) and generator 1 (3 rows, c = 5) average to 3.5; a row-weighted mean would give 3.8."""

@@ -91,6 +91,19 @@ def test_strided_clip_view_and_frozen_inputs():
     torch.testing.assert_close(db, ref_db)
 
 
+def test_strided_token_index_is_read_as_its_values():
+    """Every other id of a longer index (a strided view): the kernels must see the view's ids, not memory order."""
+    video, weight, bias, pos, n = _inputs(2, 3, 4, 16, 16, 2, 8, 19)
+    index = _kept(2, n, (6, 8))[::2]
+    assert index.stride(0) == 2
+    out = masked_tubelet_embed(video, weight, bias, pos, index, impl="triton")
+    ref = _conv3d_rows(video, weight, bias, pos, index)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(out)
+    for g_, w_ in zip(torch.autograd.grad(out, (video, weight), grad), torch.autograd.grad(ref, (video, weight), grad)):
+        torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
+
+
 def test_reference_equals_conv3d():
     """The PyTorch path (gather + Linear) is itself checked against the convolution it replaces."""
     video, weight, bias, pos, n = _inputs(2, 3, 6, 10, 15, 3, 5, 13)
