@@ -86,8 +86,9 @@ def embed_specs() -> list[Spec]:
                "TUB, PATCH, HAS_BIAS, DOT_PRECISION, BLOCK_D, BLOCK_K, BLOCK_T")
     div16 = "D, K, N, s_vb, s_vc, s_vf, s_vh, s_wd, s_pn, s_out, s_dy, rows_per_split"
     specs = []
-    # (clip dtype, compute dtype): fp32 clips under bf16 autocast, bf16 clips, plain fp32
-    for video, compute in (("fp32", "bf16"), ("bf16", "bf16"), ("fp32", "fp32")):
+    # (clip dtype, compute dtype): fp32 clips under bf16 autocast, bf16 clips, fp32 clips under fp16 autocast
+    # (meta.dtype=float16), plain fp32
+    for video, compute in (("fp32", "bf16"), ("bf16", "bf16"), ("fp32", "fp16"), ("fp32", "fp32")):
         bits = 32 if compute == "fp32" else 16
         precision = "ieee" if compute == "fp32" else "tf32"
         for has_pos in (True, False):
@@ -156,7 +157,7 @@ def attention_specs() -> list[Spec]:
                 "s_gt, s_gh, s_lt, HEAD_DIM, D_A, D_B, DOT_PRECISION, BLOCK_M, BLOCK_N")
     div16 = "s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_gt, s_gh"
     specs = []
-    for dtype in ("bf16",):  # 16-bit only on a GPU (see varlen_attention._check); fp16 compiles to the same tiles
+    for dtype in ("bf16", "fp16"):  # 16-bit only on a GPU (see varlen_attention._check)
         precision = "tf32"
         for head_dim in (24, 32, 64, 80, 88, 128):
             d_a, d_b = va.head_dim_split(head_dim)
