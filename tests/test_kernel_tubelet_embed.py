@@ -62,16 +62,20 @@ def test_forward_and_gradients_match_conv3d(case):
     assert dispatch.launches["masked_tubelet_embed_dw"] == before.get("masked_tubelet_embed_dw", 0) + 1
 
 
-def test_repeated_ids_without_bias_or_position():
-    """Ids may repeat (every mask generator of a step embeds the same clip); no bias, no position table."""
-    video, weight, _, _, n = _inputs(2, 3, 4, 16, 24, 2, 8, 19, bias=False, pos=False)
-    index = torch.tensor([3, 3, n + 5, 0, n + 5, 2 * n - 1])
-    out = masked_tubelet_embed(video, weight, None, None, index, impl="triton")
-    ref = _conv3d_rows(video, weight, None, None, index)
+def _matches_conv3d_with_video_and_weight_gradients(video, weight, bias, pos, index):
+    out = masked_tubelet_embed(video, weight, bias, pos, index, impl="triton")
+    ref = _conv3d_rows(video, weight, bias, pos, index)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(out)
     for g_, w_ in zip(torch.autograd.grad(out, (video, weight), grad), torch.autograd.grad(ref, (video, weight), grad)):
         torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
+
+
+def test_repeated_ids_without_bias_or_position():
+    """Ids may repeat (every mask generator of a step embeds the same clip); no bias, no position table."""
+    video, weight, _, _, n = _inputs(2, 3, 4, 16, 24, 2, 8, 19, bias=False, pos=False)
+    _matches_conv3d_with_video_and_weight_gradients(video, weight, None, None,
+                                                    torch.tensor([3, 3, n + 5, 0, n + 5, 2 * n - 1]))
 
 
 def test_strided_clip_view_and_frozen_inputs():
@@ -96,12 +100,7 @@ def test_strided_token_index_is_read_as_its_values():
     video, weight, bias, pos, n = _inputs(2, 3, 4, 16, 16, 2, 8, 19)
     index = _kept(2, n, (6, 8))[::2]
     assert index.stride(0) == 2
-    out = masked_tubelet_embed(video, weight, bias, pos, index, impl="triton")
-    ref = _conv3d_rows(video, weight, bias, pos, index)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    grad = torch.randn_like(out)
-    for g_, w_ in zip(torch.autograd.grad(out, (video, weight), grad), torch.autograd.grad(ref, (video, weight), grad)):
-        torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
+    _matches_conv3d_with_video_and_weight_gradients(video, weight, bias, pos, index)
 
 
 def test_reference_equals_conv3d():
