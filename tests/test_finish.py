@@ -3,6 +3,7 @@ fail are decoded again with PyAV, and samples no decoder can read are replaced."
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.data.dataset import PretrainDataset
 from engine.data.finish import ClipFinisher
@@ -134,3 +135,70 @@ def test_crops_finished_on_the_gpu(index_file):
     on_cpu = ClipFinisher(data, torch.device("cpu"), torch.float32)(batch)
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.bfloat16
     torch.testing.assert_close(on_gpu.float().cpu(), on_cpu, rtol=1e-2, atol=2e-2)  # bf16 rounding
+
+
+# ------------------------------------------------------------------------------------------------ host syncs
+
+
+class BlockingTransfers(TorchDispatchMode):
+    """Ops that move a host tensor to another device in a way that blocks the host: a copy without non_blocking, or
+    a host tensor (not a 0-dim scalar) handed to an op on another device, which copies it blocking. On a GPU each
+    waits for the stream to drain: the previous step's backward, then counted as data wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.__name__
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+        host = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
+        if name.startswith("_to_copy") and args[0].device.type == "cpu" and kwargs.get("device") not in (
+                None, torch.device("cpu")) and not kwargs.get("non_blocking", False):
+            self.found.append(name)
+        elif name.startswith("copy_") and args[1].device != args[0].device and not (len(args) > 2 and args[2]):
+            self.found.append(name)
+        elif not name.startswith(("_to_copy", "copy_")) and host and len(host) < len(tensors):
+            self.found.append(name)
+        return func(*args, **kwargs)
+
+
+class StubDali:
+    """Decodes nothing: clips of the right shape, on the host as DALI's CPU pipeline returns them."""
+
+    def decode(self, encoded, indices, boxes, flips):
+        return torch.zeros(len(encoded), 3, FPC, CROP, CROP)
+
+
+def test_finishing_a_batch_moves_nothing_to_the_device_blocking(index_file):
+    """The meta device stands in for a GPU: the finish's host-to-device moves are visible as ops (all but the copy
+    of a Python list used as an index, which PyTorch makes below the dispatcher: the GPU test below sees it)."""
+    data, encoded, _ = loaders(index_file)
+    batch = next(iter(encoded))
+    assert batch.video.encoded and batch.video.crop_shapes  # both paths: PyAV crops and DALI's items
+    finish = ClipFinisher(data, torch.device("meta"), torch.bfloat16, StubDali())
+    with BlockingTransfers() as audit:
+        video = finish(batch)
+    assert video.device.type == "meta" and video.shape == (5, 3, FPC, CROP, CROP)
+    assert audit.found == []
+    with BlockingTransfers() as audit:  # the audit sees a blocking move when there is one
+        torch.zeros(3).to("meta")
+        torch.empty(3, device="meta").copy_(torch.zeros(3))
+    assert audit.found == ["_to_copy.default", "copy_.default"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_finishing_a_pinned_batch_never_syncs_the_gpu(index_file):
+    data = dataset(index_file, output="crop")
+    batch = next(iter(build_loader(data, global_batch_size=5, rank=0, world_size=1, make_masks=record_masks,
+                                   num_workers=0, num_steps=1, pin_memory=True)))
+    finish = ClipFinisher(data, torch.device("cuda"), torch.bfloat16)
+    finish(batch)  # the first call places the normalisation constants
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        finish(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

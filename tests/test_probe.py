@@ -1,11 +1,12 @@
 """Probing index entries without decoding them, and the per-index probe cache."""
 
+import dataclasses
 import os
 
 import pytest
 
 from engine.data.index import read_index
-from engine.data.probe import Probe, ProbeTable, cache_path, probe_file, within_size_limits
+from engine.data.probe import Probe, ProbeTable, cache_path, codec_of, probe_file, within_size_limits
 from tests.video_faults import make_bad_files, write_image, write_video
 
 
@@ -82,3 +83,27 @@ def test_unreadable_cache_is_ignored_and_read_only_folder_keeps_none(tmp_path, c
 def test_probe_is_plain_data():
     probe = Probe("a.mp4", True, "", 10, 5.0, 4, 4, "h264")
     assert probe.duration == 2.0 and Probe("b.mp4", False, "missing: x").duration == 0.0
+
+
+def test_av1_is_recorded_as_its_codec_whichever_decoder_ffmpeg_picks(tmp_path):
+    """PyAV's FFmpeg decodes AV1 with libdav1d; the probe records the codec ("av1", what DALI's NVDEC list names),
+    and a cache written with the decoder's name reads as the same codec."""
+    probe = probe_file(write_video(tmp_path / "a.mkv", 6, codec="libsvtav1"))
+    assert (probe.ok, probe.codec) == (True, "av1")
+    assert codec_of("libdav1d") == "av1" and codec_of("libvpx-vp9") == "vp9" and codec_of("h264") == "h264"
+
+
+def test_an_av1_entry_from_an_older_cache_still_goes_to_dali(tmp_path):
+    from engine.data.dataset import PretrainDataset
+
+    path = write_video(tmp_path / "a.mkv", 12, codec="libsvtav1")
+    index_file = tmp_path / "train.csv"
+    index_file.write_text(f"{path} 0\n")
+    index = read_index([str(index_file)])
+    for codec in ("av1", "libdav1d"):  # this version's probe, and an older cache's
+        probes = ProbeTable(index)
+        probes.put(0, dataclasses.replace(probe_file(path), codec=codec))
+        data = PretrainDataset(index, frames_per_clip=4, num_clips=1, crop_size=32, frame_step=2,
+                               random_resize_scale=(0.3, 1.0), random_resize_aspect_ratio=(0.75, 1.35), seed=0,
+                               output="encoded", dali_codecs={"av1"}, probes=probes)
+        assert data[0].encoded is not None, codec  # planned for DALI, not decoded by PyAV

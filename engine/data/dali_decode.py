@@ -33,7 +33,7 @@ import torch
 
 from engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-# FFmpeg codec names (PyAV's `stream.codec_context.name`) that DALI's video decoder reads, per backend.
+# FFmpeg codec names (a probe's `codec`, engine.data.probe.codec_of) that DALI's video decoder reads, per backend.
 DALI_CODECS: dict[str, frozenset[str]] = {
     "cpu": frozenset({"vp8", "vp9", "mjpeg"}),
     "gpu": frozenset({"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"}),

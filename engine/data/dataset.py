@@ -30,7 +30,7 @@ import torch
 
 from engine.data.decode import VideoDecodeError, decode_frames
 from engine.data.index import VideoIndex, is_image
-from engine.data.probe import MAX_BYTES, MIN_BYTES, Probe, ProbeTable, within_size_limits
+from engine.data.probe import MAX_BYTES, MIN_BYTES, Probe, ProbeTable, codec_of, within_size_limits
 from engine.data.sampling import clip_frame_indices, frame_step_for
 from engine.data.transforms import draw_crop_and_flip, finish_clip
 
@@ -179,7 +179,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             boxes.append(box)
             flips.append(flip)
         sample = Sample(global_index, entry, self.index.labels[entry], probe.path, [], flips, indices, boxes)
-        if output == "encoded" and probe.codec in self.dali_codecs and not is_image(probe.path):
+        if output == "encoded" and codec_of(probe.codec) in self.dali_codecs and not is_image(probe.path):
             sample.encoded = np.fromfile(probe.path, dtype=np.uint8)
             return sample
 

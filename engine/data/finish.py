@@ -63,7 +63,9 @@ class ClipFinisher:
 
         try:
             clips = self.dali.decode(parts.encoded, parts.encoded_indices, parts.encoded_boxes, parts.encoded_flips)
-            out[parts.encoded_slots] = clips.to(self.device, self.dtype, non_blocking=True)
+            # the slots as a device tensor copied without a stream sync (a list index would be copied blocking)
+            slots = torch.tensor(parts.encoded_slots).to(self.device, non_blocking=True)
+            out.index_copy_(0, slots, clips.to(self.device, self.dtype, non_blocking=True))
             return
         except DaliDecodeError as e:
             logger.warning("DALI failed on step %d (%s); decoding its %d clips again with PyAV", batch.step, e,

@@ -39,7 +39,7 @@ import numpy as np
 from engine.data.dali_decode import dali_available
 from engine.data.decode import to_rgb
 from engine.data.index import is_image, read_index
-from engine.data.probe import MAX_BYTES, MIN_BYTES, Probe, ProbeTable, bad, probe_file, within_size_limits
+from engine.data.probe import MAX_BYTES, MIN_BYTES, Probe, ProbeTable, bad, codec_of, probe_file, within_size_limits
 
 DALI_CHUNK = 32  # frame indices per DALI call: bounds the decoder's output buffer whatever the video's length
 DALI_CROP = 32  # the decoded frames are only checked, so they are resized to almost nothing
@@ -87,7 +87,7 @@ def decode_all_dali(probe: Probe) -> tuple[str, str]:
     from engine.data.dali_decode import DALI_CODECS, DaliClipDecoder, DaliDecodeError
 
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    if probe.codec not in DALI_CODECS[device]:
+    if codec_of(probe.codec) not in DALI_CODECS[device]:
         return decode_all_pyav(probe.path), f"pyav fallback: DALI ({device}) cannot decode {probe.codec}"
     if device not in _dali_decoders:
         _dali_decoders[device] = DaliClipDecoder(crop_size=DALI_CROP, frames_per_clip=DALI_CHUNK, device=device,

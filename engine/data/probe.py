@@ -33,6 +33,17 @@ MIN_BYTES = 1024
 MAX_BYTES = 10**9
 
 
+# FFmpeg decoders that may be chosen for a stream -> the codec they decode. Probes record the codec
+# (`codec.canonical_name`: "av1" whichever decoder FFmpeg picks, libdav1d in PyAV's wheels); caches written before
+# hold the decoder's name, which `codec_of` reads as its codec.
+_DECODER_CODECS = {"libdav1d": "av1", "libaom-av1": "av1", "libvpx": "vp8", "libvpx-vp9": "vp9", "libopenh264": "h264"}
+
+
+def codec_of(name: str) -> str:
+    """The codec a probe's `codec` field names (a decoder's name from an older cache included)."""
+    return _DECODER_CODECS.get(name, name)
+
+
 @dataclass(frozen=True)
 class Probe:
     """What a cheap look at one file found. `reason` is empty when `ok`; else `"<kind>: <detail>"`."""
@@ -87,7 +98,8 @@ def probe_file(path: str) -> Probe:
             if not container.streams.video:
                 return bad(path, "no video stream", f"streams: {[s.type for s in container.streams]}", size, mtime)
             stream = container.streams.video[0]
-            codec = stream.codec_context.name if stream.codec_context is not None else ""
+            context = stream.codec_context
+            codec = context.codec.canonical_name if context is not None and context.codec is not None else ""
             if not codec:
                 return bad(path, "unsupported codec", "FFmpeg has no decoder for this stream", size, mtime)
             if is_image(path):

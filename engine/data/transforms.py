@@ -5,6 +5,7 @@ The reference converts the whole clip to float and then crops. Cropping commutes
 uint8 frames are cropped first: the same numbers, with less memory traffic.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -19,6 +20,13 @@ _MEAN_255 = (torch.tensor(IMAGENET_MEAN, dtype=torch.float32) * 255.0).view(3, 1
 _STD_255 = (torch.tensor(IMAGENET_STD, dtype=torch.float32) * 255.0).view(3, 1, 1, 1)
 
 _CROP_ATTEMPTS = 10
+
+
+@functools.lru_cache(maxsize=None)
+def _normalization_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and std on `device`, copied there once: a pageable copy per clip would block the host until the GPU
+    has drained its queue (the previous step's backward), on every clip the loop finishes."""
+    return _MEAN_255.to(device, non_blocking=True), _STD_255.to(device, non_blocking=True)
 
 
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -70,7 +78,7 @@ def finish_clip(crop: torch.Tensor, crop_size: int, flip: bool, dtype: torch.dty
     video = resized.permute(1, 0, 2, 3)  # (C, F, crop, crop)
     if flip:
         video = video.flip(-1)
-    mean, std = _MEAN_255.to(video.device), _STD_255.to(video.device)
+    mean, std = _normalization_on(video.device)
     return video.contiguous().sub_(mean).div_(std).to(dtype)
 
 
