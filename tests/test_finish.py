@@ -1,6 +1,7 @@
 """The device-side last stage: uint8 crops finished on the device equal the workers' finished clips; DALI batches that
 fail are decoded again with PyAV, and samples no decoder can read are replaced."""
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -202,3 +203,66 @@ def test_finishing_a_pinned_batch_never_syncs_the_gpu(index_file):
         finish(batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+class FailingDali:
+    """Raises the given DALI errors in turn (None: decodes, as StubDali), counting the calls."""
+
+    def __init__(self, *errors):
+        self.errors, self.calls = list(errors), 0
+
+    def decode(self, encoded, indices, boxes, flips):
+        self.calls += 1
+        error = self.errors.pop(0) if self.errors else None
+        if error is not None:
+            raise error
+        return StubDali().decode(encoded, indices, boxes, flips)
+
+
+def test_dali_that_cannot_build_is_switched_off_after_one_batch(index_file, caplog):
+    from engine.data.dali_decode import DaliUnavailable
+
+    data, encoded, crops = loaders(index_file)
+    batch, reference = next(iter(encoded)), next(iter(crops))
+    dali = FailingDali(DaliUnavailable("DALI could not build its gpu pipeline: CUDA driver too old"))
+    finish = ClipFinisher(data, torch.device("cpu"), torch.float32, dali)
+    expected = ClipFinisher(data, torch.device("cpu"), torch.float32)(reference)
+    for _ in range(2):
+        torch.testing.assert_close(finish(batch), expected, rtol=0, atol=1e-5)  # PyAV decoded DALI's clips
+    assert dali.calls == 1 and finish.dali is None
+    assert "DALI is off for the rest of the run (its pipeline does not build here)" in caplog.text
+    assert "data.decoder=pyav" in caplog.text
+
+
+def test_dali_is_switched_off_after_failing_batches_in_a_row(index_file, caplog):
+    from engine.data.dali_decode import DaliDecodeError
+    from engine.data.finish import DALI_FAILURES_TO_GIVE_UP
+
+    data, encoded, _ = loaders(index_file)
+    batch = next(iter(encoded))
+    bad = DaliDecodeError("a bad file")
+    # a success between failures starts the count again
+    dali = FailingDali(bad, None, *[bad] * DALI_FAILURES_TO_GIVE_UP)
+    finish = ClipFinisher(data, torch.device("cpu"), torch.float32, dali)
+    for _ in range(DALI_FAILURES_TO_GIVE_UP + 1):
+        finish(batch)
+        assert finish.dali is dali
+    finish(batch)
+    assert finish.dali is None and f"({DALI_FAILURES_TO_GIVE_UP} batches in a row)" in caplog.text
+    finish(batch)
+    assert dali.calls == DALI_FAILURES_TO_GIVE_UP + 2
+
+
+def test_a_pipeline_that_does_not_build_is_dali_unavailable(monkeypatch):
+    pytest.importorskip("nvidia.dali")  # the `dali` extra; `make test` installs it
+    from engine.data.dali_decode import DaliUnavailable
+
+    decoder = dali_decoder(2)
+
+    def broken():
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+
+    monkeypatch.setattr(decoder, "_build", broken)
+    frames = np.arange(FPC)
+    with pytest.raises(DaliUnavailable, match="could not build its cpu pipeline: CUDA driver version"):
+        decoder.decode([np.zeros(2048, np.uint8)], [frames], [(0, 0, 16, 16)], [False])

@@ -54,6 +54,11 @@ class DaliDecodeError(RuntimeError):
     """A batch DALI could not decode (bad bytes, decoder error, frame index or box out of range)."""
 
 
+class DaliUnavailable(DaliDecodeError):
+    """DALI could not build its pipeline here (e.g. a DALI wheel for a newer CUDA than the driver's): no batch will
+    decode."""
+
+
 def dali_available() -> bool:
     """Whether nvidia.dali can be imported (imports it)."""
     try:
@@ -108,7 +113,10 @@ class DaliClipDecoder:
 
         inputs = self._inputs(encoded, frame_indices, boxes, flips)
         if self._pipe is None:
-            self._pipe = self._build()
+            try:
+                self._pipe = self._build()
+            except Exception as e:  # as run's: DALI raises generic exceptions
+                raise DaliUnavailable(f"DALI could not build its {self.device} pipeline: {_reason(e)}") from e
         stream = torch.cuda.current_stream(self._pipe.device_id) if self.device == "gpu" else None
         try:
             # With a stream, outputs are ready on it (no host sync) and their memory is released in its order.

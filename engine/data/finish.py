@@ -23,11 +23,17 @@ from engine.data.transforms import finish_clip
 logger = logging.getLogger(__name__)
 
 
+# DALI batches that fail in a row before the finisher stops asking DALI (a bad file fails one batch; a decoder that
+# fails every batch is broken here, and each failure costs a DALI run before the PyAV fallback)
+DALI_FAILURES_TO_GIVE_UP = 3
+
+
 class ClipFinisher:
     """`finisher(batch)` -> (B, 3, F, crop, crop) (or (B, num_clips, 3, F, crop, crop)) on `device` in `dtype`.
 
     May replace samples (DALI fallback), in which case it updates `batch.labels`, `batch.paths` and
-    `batch.sample_failures`.
+    `batch.sample_failures`. When DALI cannot build its pipeline, or fails DALI_FAILURES_TO_GIVE_UP batches in a
+    row, the finisher decodes every later encoded item with PyAV (said once, with the faster way out).
     """
 
     def __init__(self, dataset: PretrainDataset, device: torch.device, dtype: torch.dtype, dali=None):
@@ -35,6 +41,7 @@ class ClipFinisher:
         self.device = device
         self.dtype = dtype
         self.dali = dali  # an engine.data.dali_decode.DaliClipDecoder, when the dataset plans encoded items
+        self.dali_failures = 0  # in a row
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         if isinstance(batch.video, torch.Tensor):
@@ -59,17 +66,27 @@ class ClipFinisher:
             offset += numel
 
     def _decode_encoded(self, parts: ClipParts, batch: Batch, out: torch.Tensor) -> None:
-        from engine.data.dali_decode import DaliDecodeError
+        from engine.data.dali_decode import DaliDecodeError, DaliUnavailable
 
-        try:
-            clips = self.dali.decode(parts.encoded, parts.encoded_indices, parts.encoded_boxes, parts.encoded_flips)
-            # the slots as a device tensor copied without a stream sync (a list index would be copied blocking)
-            slots = torch.tensor(parts.encoded_slots).to(self.device, non_blocking=True)
-            out.index_copy_(0, slots, clips.to(self.device, self.dtype, non_blocking=True))
-            return
-        except DaliDecodeError as e:
-            logger.warning("DALI failed on step %d (%s); decoding its %d clips again with PyAV", batch.step, e,
-                           len(parts.encoded_slots))
+        if self.dali is not None:
+            try:
+                clips = self.dali.decode(parts.encoded, parts.encoded_indices, parts.encoded_boxes,
+                                         parts.encoded_flips)
+                # the slots as a device tensor copied without a stream sync (a list index would be copied blocking)
+                slots = torch.tensor(parts.encoded_slots).to(self.device, non_blocking=True)
+                out.index_copy_(0, slots, clips.to(self.device, self.dtype, non_blocking=True))
+                self.dali_failures = 0
+                return
+            except DaliDecodeError as e:
+                self.dali_failures += 1
+                logger.warning("DALI failed on step %d (%s); decoding its %d clips again with PyAV", batch.step, e,
+                               len(parts.encoded_slots))
+                if isinstance(e, DaliUnavailable) or self.dali_failures >= DALI_FAILURES_TO_GIVE_UP:
+                    self.dali = None
+                    logger.warning("DALI is off for the rest of the run (%s); its clips are decoded with PyAV in "
+                                   "the training process, slower than the loader's workers would: rerun with "
+                                   "data.decoder=pyav", "its pipeline does not build here"
+                                   if isinstance(e, DaliUnavailable) else f"{self.dali_failures} batches in a row")
         by_sample: dict[int, list[int]] = {}
         for item, slot in enumerate(parts.encoded_slots):
             by_sample.setdefault(slot // parts.num_clips, []).append(item)
