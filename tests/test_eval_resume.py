@@ -226,3 +226,19 @@ def test_a_gpu_evaluation_continues_after_a_crash(tiny_run, synthetic_root, tmp_
     assert "on 1 x cuda" in said[0] and "split 0: continuing at epoch 2, batch 1" in " ".join(said)
     for a, b in zip(straight["history"][0], again["history"][0], strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+
+
+def test_ranks_that_pad_the_epoch_differently_are_another_probe():
+    """9 training entries: one rank repeats none, two ranks repeat one entry per epoch (DistributedSampler's
+    padding), three none: the padding is in the fingerprint, so only the ranks that pad alike continue a probe."""
+    from types import SimpleNamespace
+
+    from engine.evaluation.config import EvalConfig
+    from engine.evaluation.resume import fingerprint
+
+    key = "training entries repeated per epoch (to a multiple of the ranks)"
+    train = SimpleNamespace(paths=[f"{i}.mp4" for i in range(9)], labels=list(range(9)))
+    val = SimpleNamespace(paths=["v.mp4"], labels=[0])
+    encoder = torch.nn.Linear(2, 2)
+    repeated = {w: fingerprint(EvalConfig(), encoder, w, train, val)[key] for w in (1, 2, 3)}
+    assert repeated == {1: 0, 2: 1, 3: 0}

@@ -1,10 +1,13 @@
 """Several ranks for one evaluation (`deepspeed --num_gpus N engine/eval.py ...`, or torchrun): each rank keeps the
 frozen encoder and a replica of the probe, encodes its own share of the clips and averages the probe's gradients.
 
-Work split, chosen so that W ranks of `data.batch_size` b train the probe that one rank of W*b trains:
+Work split, chosen so that W ranks of `data.batch_size` b train the probe that one rank of W*b trains (when W
+divides the number of training entries; see the padding):
 * training: the epoch's permutation (the same on every rank) is padded by wrapping to a multiple of W, as
-  torch's DistributedSampler does, and cut into global batches of W*b entries; rank r takes the r-th of W equal
-  slices of each, so a global batch is the same set of clips whatever W is;
+  torch's DistributedSampler does (and V1 with it), and cut into global batches of W*b entries; rank r takes the
+  r-th of W equal slices of each, so a global batch is the same set of clips whatever W is, except the last, which
+  repeats the epoch's first (-entries) mod W entries (a resume on ranks that would pad differently is refused:
+  engine/evaluation/resume.py's fingerprint);
 * gradients: each rank's loss is the mean over its slice and the slices are equal, so the mean of the ranks'
   gradients (one all-reduce of the flattened gradients) is the gradient of the global batch's mean loss; every
   rank then clips and steps identically;

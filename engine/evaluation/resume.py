@@ -83,6 +83,9 @@ def entries_digest(index: VideoIndex) -> str:
 def fingerprint(cfg: EvalConfig, encoder: torch.nn.Module, world_size: int, train: VideoIndex,
                 val: VideoIndex) -> dict[str, Any]:
     return {**_flat(cfg), "global batch (ranks x data.batch_size)": world_size * cfg.data.batch_size,
+            # the entries the last batch of each epoch repeats (distributed.Ranks.train_slices): ranks that pad
+            # differently train another probe
+            "training entries repeated per epoch (to a multiple of the ranks)": (-len(train.paths)) % world_size,
             "encoder weights (digest)": encoder_digest(encoder),
             "training entries (digest)": entries_digest(train), "validation entries (digest)": entries_digest(val)}
 
