@@ -114,3 +114,42 @@ def test_two_ranks_continue_the_probe_one_rank_began(tiny_run, synthetic_root, t
     for a, b in zip(straight["history"][0], two["history"][0], strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         assert b["train_top1"] == a["train_top1"] and b["val_top1"] == a["val_top1"]
+
+
+def _gather_rank(rank, world, port, folder):
+    import torch
+    import torch.distributed as dist
+
+    from engine.evaluation import distributed
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    distributed.GATHER_CHUNK_BYTES = 2 * 6 * 4  # two fp32 rows of (2, 3) per all-gather: several chunks
+    mine = {e: torch.full((2, 3), float(e), dtype=torch.bfloat16) for e in range(rank, 7, world)}  # 4 and 3 rows
+    gathered, all_gather = [], dist.all_gather
+
+    def recorded(outputs, tensor, *args, **kwargs):
+        gathered.append(tuple(tensor.shape))
+        return all_gather(outputs, tensor, *args, **kwargs)
+
+    dist.all_gather = recorded
+    out = distributed.Ranks(rank, world).gather_features(mine)
+    torch.save({"out": out, "gathered": gathered}, f"{folder}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_the_feature_cache_is_gathered_in_chunks_to_the_host(tmp_path):
+    """Uneven shares (7 entries over 2 ranks), several all-gathers of a few rows each: every rank ends with every
+    entry's features, in fp32 on the host."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_rank, args=(2, _port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"{rank}.pt")
+        out = saved["out"]
+        # the ids once, then the 4 rows of the longest share two at a time: never the whole cache on the device
+        assert saved["gathered"] == [(4,), (2, 2, 3), (2, 2, 3)]
+        assert sorted(out) == list(range(7))
+        for entry, feats in out.items():
+            assert feats.device.type == "cpu" and feats.dtype == torch.float32
+            assert torch.equal(feats, torch.full((2, 3), float(entry)))

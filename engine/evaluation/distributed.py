@@ -28,6 +28,9 @@ import torch
 import torch.distributed as dist
 
 
+GATHER_CHUNK_BYTES = 256 * 2**20  # fp32 feature rows per rank per all-gather of the feature cache
+
+
 @dataclass(frozen=True)
 class Ranks:
     rank: int = 0
@@ -82,8 +85,10 @@ class Ranks:
         return dict(sorted((k, v) for part in every for k, v in (part or {}).items()))
 
     def gather_features(self, mine: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Every rank's {entry: features}; features share one shape. Shares differ by at most one entry, so they
-        are padded to the longest for the all-gather and the padding is dropped by its entry id -1."""
+        """Every rank's {entry: features} on the host; features share one shape. Shares differ by at most one entry,
+        so they are padded to the longest for the all-gather and the padding is dropped by its entry id -1. The
+        rows travel in chunks of about GATHER_CHUNK_BYTES per rank, each moved to the host as it arrives: the device
+        never holds the whole cache (W shares of it), which for a large validation set exceeds a GPU."""
         if self.world == 1:
             return dict(mine)
         ids = sorted(mine)
@@ -94,19 +99,26 @@ class Ranks:
         shapes = [None] * self.world
         dist.all_gather_object(shapes, shape)
         shape = next(s for s in shapes if s is not None)
-        feats = torch.zeros((n, *shape), device=self.device)
         id_row = torch.full((n,), -1, dtype=torch.int64, device=self.device)
-        for row, entry in enumerate(ids):
-            feats[row], id_row[row] = mine[entry], entry
-        all_feats = [torch.empty_like(feats) for _ in range(self.world)]
+        id_row[:len(ids)] = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
         all_ids = [torch.empty_like(id_row) for _ in range(self.world)]
-        dist.all_gather(all_feats, feats)
         dist.all_gather(all_ids, id_row)
+        all_ids = [i.tolist() for i in all_ids]
+        rows = max(1, GATHER_CHUNK_BYTES // (4 * max(1, torch.Size(shape).numel())))
         out = {}
-        for f, i in zip(all_feats, all_ids):
-            for row, entry in enumerate(i.tolist()):
-                if entry >= 0:
-                    out[entry] = f[row].cpu()
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            chunk = torch.zeros((stop - start, *shape), device=self.device)
+            mine_here = [mine[entry] for entry in ids[start:stop]]
+            if mine_here:
+                chunk[:len(mine_here)] = torch.stack(mine_here).to(self.device, torch.float32, non_blocking=True)
+            gathered = [torch.empty_like(chunk) for _ in range(self.world)]
+            dist.all_gather(gathered, chunk)
+            for feats, entries in zip(gathered, all_ids):
+                feats = feats.cpu()
+                for row, entry in enumerate(entries[start:stop]):
+                    if entry >= 0:
+                        out[entry] = feats[row]
         return out
 
 
