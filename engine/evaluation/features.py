@@ -85,7 +85,8 @@ def _encoder_for(run_cfg: Config, crop_size: int, frames: int, seed: int) -> Vis
 
 @torch.no_grad()
 def encode_views(encoder: nn.Module, clips: torch.Tensor, *, dtype: str, clips_per_forward: int) -> torch.Tensor:
-    """clips (B, S, V, 3, F, H, W) -> features (B, V, S*N, D), in the autocast dtype on GPU (float32 on CPU)."""
+    """clips (B, S, V, 3, F, H, W) -> features (B, V, S*N, D) in float32: the encoder's last op is its LayerNorm,
+    which autocast runs in float32 (the blocks before it run in the autocast dtype on GPU)."""
     b, s, v = clips.shape[:3]
     flat = clips.flatten(0, 2)
     with autocast_context(clips.device, dtype):
