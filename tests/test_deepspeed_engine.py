@@ -243,11 +243,16 @@ def test_clipping_on_partitions_equals_single_process_torch(ranks, case):
 
 @pytest.mark.parametrize("case", [name for name in CASES if name not in FP32_CASES])
 def test_bf16_weights_mode_runs_and_clips(ranks, case):
-    """bf16 weights and gradients: close to the fp32 run (bf16 rounds weights by up to 2^-9 relative), not equal."""
+    """bf16 weights and gradients: close to the fp32 run, not equal. Each weight is within a few bf16 roundings of
+    the fp32 run's (2^-9 relative each: a weight of 4 is off by 0.008 per rounding), plus what bf16 gradients change
+    in AdamW's updates: at most 2 lr per step (an update is about lr in size; a tiny gradient's sign may flip)."""
     results, log = ranks
     assert BF16_NOTICE in log
     for step, (got, ref) in enumerate(zip(results[case], _reference(1))):
-        assert _max_diff(got, ref) < 2e-2, (case, step, _max_diff(got, ref))
+        excess = max(((got[n] - ref[n]).abs() - 2 ** -7 * ref[n].abs()).max().item()
+                     for n in ("encoder", "predictor", "target_encoder"))
+        assert excess < 2 * LR * (step + 1), (case, step, excess, _max_diff(got, ref))
+        print(f"{case} step {step}: excess {excess:.2e} of {2 * LR * (step + 1):.0e}")
         if CLIPS[step] is not None:
             assert got["norms"] == pytest.approx(ref["norms"], rel=2e-2)  # observed: 0.6 %
             # DeepSpeed's norm, taken from the gradients the optimizer steps with, after the backend clipped them:
