@@ -134,6 +134,21 @@ def pytest_configure(config: pytest.Config) -> None:
                             "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
+SAVE_AFTER_S = 5.0  # a test at least this long is followed by a write of --benchmark-json so far
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """After a long test, write the results so far to --benchmark-json (pytest-benchmark writes it only when the
+    session ends): a GPU session's step killed at its time limit then keeps every case it finished."""
+    start = time.monotonic()
+    yield
+    session = getattr(item.config, "_benchmarksession", None)  # pytest-benchmark's session object
+    if (session is not None and session.json and not (session.save or session.autosave) and session.benchmarks
+            and time.monotonic() - start >= SAVE_AFTER_S):
+        session.handle_saving()
+
+
 @pytest.fixture(autouse=True)
 def _deadline() -> None:
     if time.time() > DEADLINE:

@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if device_gib is None:
         print("memory_fit.py: no CUDA device: the cases run uncapped and unmeasured (this proves the script only)",
               flush=True)
+    earlier = json.loads(args.json.read_text())["runs"] if args.append and args.json.exists() else []
     for k in args.checkpointing:
         for b in args.batch or [base.data.batch_size]:
             cfg = load_config(args.config, [*overrides, "--meta.backend=torch", f"--data.batch_size={b}",
@@ -178,10 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             run["cases"].append(fit_case(cfg, args.steps, device))
             c = run["cases"][-1]
             print(f"  batch {b}, checkpointing {k}: {c['status']}", flush=True)
+            if args.json:  # after every case: a run cut short by a time limit keeps the cases it finished
+                args.json.write_text(json.dumps({"versions": versions(), "runs": [*earlier, run]}, indent=1) + "\n")
     print(format_run(run), flush=True)
-    if args.json:
-        runs = json.loads(args.json.read_text())["runs"] if args.append and args.json.exists() else []
-        args.json.write_text(json.dumps({"versions": versions(), "runs": [*runs, run]}, indent=1) + "\n")
     return 0
 
 

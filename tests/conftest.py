@@ -20,6 +20,8 @@ from engine.config import Config, load_config  # noqa: E402
 from engine.data.synthetic import SyntheticSpec, ensure_synthetic_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# the repository first, then whatever the caller's PYTHONPATH holds (the device machine's carried wheels)
+PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 SMALL_SPEC = SyntheticSpec(num_train=24, num_val=8, num_frames=24, size=64, seed=3)
 
 

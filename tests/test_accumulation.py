@@ -14,7 +14,7 @@ import torch
 from engine.checkpoint import latest_path, load_checkpoint
 from engine.loop import train
 
-from .conftest import ROOT
+from .conftest import PYTHONPATH, ROOT
 from .test_faults import poison
 from .test_resume import assert_same_checkpoint
 from .test_train import _DEEPSPEED_RUN
@@ -83,7 +83,7 @@ def test_deepspeed_accumulation_matches_the_torch_backend(tiny_config, synthetic
             '--deepspeed=' + json.dumps({"gradient_accumulation_steps": 2, "zero_optimization": {"stage": 2}}),
             f"--logging.folder={tmp_path}/ds"]
     ds = subprocess.run([sys.executable, "-c", _DEEPSPEED_RUN, *args], cwd=ROOT, capture_output=True, text=True,
-                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+                        env={**os.environ, "PYTHONPATH": PYTHONPATH})
     assert ds.returncode == 0, ds.stderr[-3000:]
     assert "batch 2/rank x 2 micro-batches" in ds.stdout
     ref = train(tiny_config("--meta.max_steps=4", *COMMON, "--data.batch_size=4", f"--logging.folder={tmp_path}/t"))

@@ -28,7 +28,7 @@ from engine.masks import sample_masks
 from engine.packed_masks import StepMasks
 from engine.step import Models, forward_loss
 
-from .conftest import ROOT
+from .conftest import PYTHONPATH, ROOT
 
 WORLD = 2
 CLIPS = (None, 1e-4, 1e-4)  # step 0 before warmup ends (no clipping), then both networks clipped (norms ~1e-3, ~0.5)
@@ -159,7 +159,7 @@ def ranks(tmp_path_factory):
     port = str(_free_port())
     procs = []
     for rank in range(WORLD):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(rank), "LOCAL_RANK": str(rank),
+        env = {**os.environ, "PYTHONPATH": PYTHONPATH, "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(list(CASES)), str(out)], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

@@ -13,7 +13,7 @@ from engine.checkpoint import step_path
 from engine.dry_run import format_report, dry_run_report, model_shape
 from engine.loop import train
 
-from .conftest import ROOT
+from .conftest import PYTHONPATH, ROOT
 
 STEPS = ["--meta.max_steps=2", "--logging.checkpoint_every=2"]
 Usage = namedtuple("Usage", "total used free")
@@ -43,7 +43,7 @@ def test_the_estimate_matches_a_deepspeed_zero2_tag(tiny_config, synthetic_root,
             *STEPS, "--meta.backend=deepspeed", '--deepspeed={"zero_optimization": {"stage": 2}}',
             f"--logging.folder={tmp_path}/ds"]
     done = subprocess.run([sys.executable, "-c", run, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": PYTHONPATH})
     assert done.returncode == 0, done.stderr[-3000:]
     tag = tmp_path / "ds" / "deepspeed" / "step2"
     size = sum(p.stat().st_size for p in tag.iterdir())

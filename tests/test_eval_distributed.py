@@ -12,7 +12,7 @@ import pytest
 
 from engine.evaluation.distributed import Ranks
 
-from .conftest import ROOT
+from .conftest import PYTHONPATH, ROOT
 
 
 @pytest.mark.parametrize("n,world,b", [(10, 2, 3), (12, 2, 3), (7, 3, 2), (5, 1, 2)])
@@ -51,7 +51,7 @@ def _eval(world, folder, tiny_run, synthetic_root, *extra):
     args = [sys.executable, "engine/eval.py", "--config", "configs/eval/synthetic_motion.json", "--checkpoint",
             str(tiny_run), *_overrides(world, folder, synthetic_root, *extra)]
     port = _port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
     ranks = [subprocess.Popen([*args, f"--local_rank={r}"], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]

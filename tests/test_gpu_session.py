@@ -115,3 +115,24 @@ def test_gpu_tests_are_skipped_where_triton_is_interpreted_on_a_gpu(monkeypatch)
     items = [Item(True)]
     pytest_collection_modifyitems(None, items)
     assert items[0].markers == []
+
+
+def test_a_benchmark_run_killed_midway_keeps_the_results_it_finished(tmp_path):
+    """pytest-benchmark writes --benchmark-json when the session ends; benchmarks/conftest.py writes it after every
+    long test too, so a gpu_session step killed at its limit brings back the cases it finished."""
+    pytest.importorskip("pytest_benchmark")
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["benchmarks.conftest"]\n')
+    (tmp_path / "test_killed.py").write_text(
+        "import os\n"
+        "import benchmarks.conftest\n"
+        "benchmarks.conftest.SAVE_AFTER_S = 0.0  # every test counts as long here\n\n"
+        "def test_finished(benchmark):\n"
+        "    benchmark(lambda: sum(range(100)))\n\n"
+        "def test_killed():\n"
+        "    os._exit(137)  # what the step's timeout does\n")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-q", "-p", "no:cacheprovider",
+                           f"--benchmark-json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 137, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [b["name"] for b in json.loads(out.read_text())["benchmarks"]] == ["test_finished"]

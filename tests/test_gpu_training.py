@@ -15,7 +15,7 @@ import torch
 
 from engine.loop import train
 
-from .conftest import ROOT
+from .conftest import PYTHONPATH, ROOT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 GPU = ("--meta.dtype=bfloat16", "--data.num_workers=1", "--data.pin_mem=true", "--logging.log_every=1",
@@ -70,7 +70,7 @@ def test_deepspeed_zero2_on_one_gpu(synthetic_root, tmp_path, bf16_weights):
             f"--deepspeed.bf16.enabled={str(bf16_weights).lower()}", f"--logging.folder={tmp_path}/ds"]
     for steps in (3, 5):  # the second run resumes: the checkpoint tags are agreed on over NCCL
         done = subprocess.run([sys.executable, "-c", run, *args, f"--meta.max_steps={steps}"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": PYTHONPATH})
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         assert "on cuda:0" in done.stdout and "backend deepspeed" in done.stdout
         assert ("resuming" in done.stdout) == (steps == 5)

@@ -14,7 +14,7 @@ from engine.config import ConfigError
 from engine.export import export
 from engine.loop import train
 
-from .conftest import ROOT
+from .conftest import PYTHONPATH, ROOT
 
 
 def _rows(folder):
@@ -81,7 +81,7 @@ def test_deepspeed_backend_matches_torch_first_step(tiny_config, synthetic_root,
     args = ["--config", "configs/tiny_synthetic.json", "--data.synthetic_root=null",
             f"--data.datasets=[\"{synthetic_root}/motion_train.csv\"]", "--data.num_workers=0", "--data.batch_size=4",
             "--meta.max_steps=3", "--logging.log_every=1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     ds = subprocess.run([sys.executable, "-c", _DEEPSPEED_RUN, *args, "--meta.backend=deepspeed",
                          f"--logging.folder={tmp_path}/ds"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert ds.returncode == 0, ds.stderr[-3000:]
@@ -106,7 +106,7 @@ def test_a_deepspeed_save_that_fails_stops_with_one_line_and_the_rerun_resumes(s
                  "torch.save = save\n")
     args = [*_ds_args(synthetic_root, "--logging.checkpoint_every=2", f"--logging.folder={tmp_path}/run"),
             "--meta.max_steps=6"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     failed = subprocess.run([sys.executable, "-c", full_disk + _DEEPSPEED_RUN, *args], cwd=ROOT, env=env,
                             capture_output=True, text=True)
     assert failed.returncode == 1, failed.stderr[-3000:]
@@ -152,7 +152,7 @@ def _start_ranks(world, args, launcher="deepspeed"):
     argument = ["--local_rank={r}"] if launcher == "deepspeed" else []
     return [subprocess.Popen([sys.executable, "-c", _DEEPSPEED_RUN, *args, *(a.format(r=r) for a in argument)],
                              cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(r), "LOCAL_RANK": str(r),
+                             env={**os.environ, "PYTHONPATH": PYTHONPATH, "RANK": str(r), "LOCAL_RANK": str(r),
                                   "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
 
@@ -229,7 +229,7 @@ def test_zero3_resume_is_bit_exact_and_needs_the_same_world_size(synthetic_root,
         assert worst < 1e-5, (entry, worst)
     one_rank = subprocess.run([sys.executable, "-c", _DEEPSPEED_RUN, *args, "--meta.max_steps=6",
                                f"--logging.folder={tmp_path}/b"], cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              env={**os.environ, "PYTHONPATH": PYTHONPATH})
     assert one_rank.returncode != 0
     assert "written by 2 ranks under ZeRO-3, which resumes only on the same number of ranks" in one_rank.stderr
 
