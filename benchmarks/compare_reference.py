@@ -32,6 +32,10 @@ shared clip), reset between runs; on a CPU the rise of the process's peak reside
 through /proc/self/clear_refs at the start of each run) over the resident set before it (after gc and malloc_trim):
 it counts what the allocator keeps cached too, so the table marks it as approximate. "n/a" where it cannot be read.
 
+A run that raises (out of memory: the reference may not fit a batch this engine fits; or an error) is recorded as
+not measured and the others go ahead; the exit code is then 1. --json is rewritten (atomically) after every run with
+`complete` false until the last one, so a command cut short by a time limit keeps the runs it finished.
+
 Dtype: the config's meta.dtype under autocast on a GPU (bfloat16 in the recipes; the weights stay fp32 on both
 sides), float32 on a CPU. Clipping: per network at optimization.clip_grad on both sides, as after the warmup epochs
 (most of a run); --no-clip times a warmup-phase step.
@@ -58,8 +62,10 @@ if __package__ in (None, ""):  # run as a script: the repository root on the pat
 
 import torch  # noqa: E402
 
+from benchmarks.failed_run import Failed, attempt  # noqa: E402
 from benchmarks.reference_step import ReferenceError, check_reference_path  # noqa: E402
 from engine.config import Config, ConfigError, load_config  # noqa: E402
+from engine.durable import write_text_atomic  # noqa: E402
 
 GB = 1e9
 
@@ -361,7 +367,7 @@ def run_reference_eval(setup: Setup, ref: Any, clips: torch.Tensor, state: dict 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# report
+# the report
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -372,13 +378,21 @@ def _fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def _table(title: str, runs: list[Run], n: int, cpu: bool, with_tokens: bool) -> list[str]:
+def _get(run: Run | Failed | None, attr: str) -> float | None:
+    """A figure of a run, None for a run that failed or has not run."""
+    return getattr(run, attr) if isinstance(run, Run) else None
+
+
+def _table(title: str, runs: list[Run | Failed], n: int, cpu: bool, with_tokens: bool) -> list[str]:
     mem = "peak RSS rise GB (approx.)" if cpu else "peak mem GB"
     head = f"{title:<30} {'samples/s':>10} {'step ms':>9} {'tokens/s':>11} {'TFLOP/s':>9} {'MFU':>6} {mem:>26}"
     if with_tokens:
         head += f"  {'ctx tokens/clip per generator':<32} {'loss@1':>9}"
     lines = [head]
     for r in runs:
+        if isinstance(r, Failed):
+            lines.append(f"{r.name:<30} {'out of memory' if r.out_of_memory else 'failed: ' + r.error}")
+            continue
         line = (f"{r.name:<30} {r.samples_per_s:>10.2f} {r.step_ms:>9.1f} {r.tokens_per_s:>11.0f} "
                 f"{r.model_tflops_per_s:>9.4f} {_fmt(r.mfu, '>6.1%'):>6} {_fmt(r.peak_mem_gb, '.3f'):>26}")
         if with_tokens:
@@ -386,6 +400,108 @@ def _table(title: str, runs: list[Run], n: int, cpu: bool, with_tokens: bool) ->
             line += f"  {ctx:<32} {_fmt(r.first_loss, '>9.5f'):>9}"
         lines.append(line)
     return lines
+
+
+# (JSON key, label) of the ratio lines, each ours / the reference unless the label says otherwise
+RATIO_LABELS = (
+    ("samples_per_s_truncated", "samples/s ours/ref (truncated)"),
+    ("peak_memory_truncated", "peak memory ours/ref (truncated)"),
+    ("samples_per_s_truncated_vs_ref_loggers", "samples/s ours/ref+loggers (truncated)"),
+    ("samples_per_s_ref_loggers_vs_ref", "samples/s ref+loggers/ref"),
+    ("samples_per_s_packed", "samples/s ours/ref (packed)"),
+    ("tokens_per_s_packed", "tokens/s ours/ref (packed)"),
+    ("model_flops_per_s_packed", "model FLOP/s ours/ref (packed)"),
+    ("peak_memory_packed", "peak memory ours/ref (packed)"),
+    ("samples_per_s_eval", "samples/s ours/ref (eval forward)"),
+    ("peak_memory_eval", "peak memory ours/ref (eval forward)"),
+)
+TRAIN_RUNS = ("reference", "reference_loggers", "ours_truncated", "ours_packed")
+EVAL_RUNS = ("reference", "ours")
+
+
+@dataclasses.dataclass
+class Comparison:
+    """The runs as they finish (Run, or Failed), and everything derived from them. `write()` after every run keeps
+    what finished when a device's time limit ends the command halfway (`complete` false until the last run)."""
+
+    header: dict[str, Any]  # config, device, dtype, batch, steps, versions, ...
+    json_path: Path | None = None
+    train: dict[str, Run | Failed] = dataclasses.field(default_factory=dict)
+    eval: dict[str, Run | Failed] = dataclasses.field(default_factory=dict)
+    eval_max_abs_diff: float | None = None
+
+    def add(self, section: str, key: str, run: Run | Failed) -> None:
+        getattr(self, section)[key] = run
+        self.write(complete=False)
+
+    @property
+    def failed(self) -> list[Failed]:
+        return [r for r in (*self.train.values(), *self.eval.values()) if isinstance(r, Failed)]
+
+    def ratios(self) -> dict[str, float | None]:
+        t, e = self.train.get, self.eval.get
+        ref, ref_log, trunc, packed = (t(k) for k in TRAIN_RUNS)
+        return {
+            "samples_per_s_truncated": _ratio(_get(trunc, "samples_per_s"), _get(ref, "samples_per_s")),
+            "peak_memory_truncated": _ratio(_get(trunc, "peak_mem_gb"), _get(ref, "peak_mem_gb")),
+            "samples_per_s_truncated_vs_ref_loggers": _ratio(_get(trunc, "samples_per_s"),
+                                                             _get(ref_log, "samples_per_s")),
+            "samples_per_s_ref_loggers_vs_ref": _ratio(_get(ref_log, "samples_per_s"), _get(ref, "samples_per_s")),
+            "samples_per_s_packed": _ratio(_get(packed, "samples_per_s"), _get(ref, "samples_per_s")),
+            "tokens_per_s_packed": _ratio(_get(packed, "tokens_per_s"), _get(ref, "tokens_per_s")),
+            "model_flops_per_s_packed": _ratio(_get(packed, "model_tflops_per_s"), _get(ref, "model_tflops_per_s")),
+            "peak_memory_packed": _ratio(_get(packed, "peak_mem_gb"), _get(ref, "peak_mem_gb")),
+            "samples_per_s_eval": _ratio(_get(e("ours"), "samples_per_s"), _get(e("reference"), "samples_per_s")),
+            "peak_memory_eval": _ratio(_get(e("ours"), "peak_mem_gb"), _get(e("reference"), "peak_mem_gb")),
+        }
+
+    def loss_check(self) -> dict[str, float | None]:
+        """The first step's loss on both sides (same weights, clip and masks in truncated mode)."""
+        ours = _get(self.train.get("ours_truncated"), "first_loss")
+        ref = _get(self.train.get("reference"), "first_loss")
+        return {"ours_truncated": ours, "reference": ref,
+                "reference_loggers": _get(self.train.get("reference_loggers"), "first_loss"),
+                "abs_diff": abs(ours - ref) if ours is not None and ref is not None else None}
+
+    def report(self, n: int, cpu: bool, peak_tflops: float | None) -> list[str]:
+        h = self.header
+        train = [self.train[k] for k in TRAIN_RUNS if k in self.train]
+        evals = [self.eval[k] for k in EVAL_RUNS if k in self.eval]
+        lines = [""] + _table(f"training step (batch {h['batch_size']})", train, n, cpu, with_tokens=True)
+        lines += [""] + _table(f"frozen-eval forward (batch {h['eval_batch_size']})", evals, n, cpu,
+                               with_tokens=False)
+        ratios = self.ratios()
+        lines += [""] + [f"ratio {label}: {_fmt(ratios[key], '.2f')}" for key, label in RATIO_LABELS] + [""]
+        ref, packed = self.train.get("reference"), self.train.get("ours_packed")
+        if isinstance(ref, Run) and isinstance(packed, Run):
+            lines.append(
+                f"MFU over {_fmt(peak_tflops, '.1f')} TFLOP/s (engine.throughput.peak_tflops); packed mode keeps "
+                f"every context token: ours {' / '.join(f'{c / n:.0%}' for c in packed.context_tokens_per_clip)} "
+                f"of N per clip vs the reference's batch-min "
+                f"{' / '.join(f'{c / n:.0%}' for c in ref.context_tokens_per_clip)}")
+        check = self.loss_check()
+        lines.append(f"cross-check, first step loss (truncated, same weights, clip and masks): ours "
+                     f"{_fmt(check['ours_truncated'], '.7f')} ref {_fmt(check['reference'], '.7f')} |diff| "
+                     f"{_fmt(check['abs_diff'], '.2e')}; eval forward max |diff| "
+                     f"{_fmt(self.eval_max_abs_diff, '.2e')}")
+        if cpu:
+            lines.append("CPU peak memory: the rise of the process's peak resident set (VmHWM) over its resident "
+                         "set before the run, an approximation; on a GPU it is the CUDA allocator's peak")
+        for f in self.failed:
+            lines.append(f"not measured: {f.name}: {'out of memory' if f.out_of_memory else f.error}")
+        return lines
+
+    def to_dict(self, complete: bool) -> dict[str, Any]:
+        return {**self.header, "complete": complete,
+                "train": {k: r.to_dict() for k, r in self.train.items()},
+                "eval": {**{k: r.to_dict() for k, r in self.eval.items()}, "max_abs_diff": self.eval_max_abs_diff},
+                "ratios": self.ratios(), "loss_check": self.loss_check(),
+                "failed": [f.name for f in self.failed]}
+
+    def write(self, complete: bool) -> None:
+        if self.json_path is not None:
+            self.json_path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.json_path, json.dumps(self.to_dict(complete), indent=1) + "\n")
 
 
 def _versions(ref: Any) -> dict[str, Any]:
@@ -511,87 +627,47 @@ def compare(cfg: Config, ref_path: Path, args: argparse.Namespace) -> int:
     make_packed = MaskMaker(cfg_packed.mask, cfg.grid, cfg.meta.seed, cfg.data.mask_type)  # ours: nothing truncated
     packed_masks = [make_packed(step, step * b, b) for step in range(setup.total_steps)]
     memory = PeakMemory(device)
+    header = {
+        "config": str(args.config), "overrides": list(getattr(args, "overrides", [])), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if not cpu else "cpu", "dtype": dtype,
+        "batch_size": b, "eval_batch_size": eval_b, "num_tokens": n, "steps": setup.steps, "warmup": setup.warmup,
+        "cpu_threads": torch.get_num_threads(), "load_average": load, "clip_grad": setup.clip_grad,
+        "peak_tflops": setup.peak_tflops,
+        "peak_memory_method": "vmhwm_rise_over_rss" if cpu else "cuda_max_memory_allocated",
+        "ours_backends": ours_backends, "versions": _versions(ref)}
+    result = Comparison(header, args.json)
 
     print("\ntraining step ...", flush=True)
-    ref_run = run_reference_train(setup, "reference", ref, clips, ref_masks, truncated_masks, initial_state, memory,
-                                  loggers=False)
-    ref_log_run = run_reference_train(setup, "reference + loggers", ref, clips, ref_masks, truncated_masks,
-                                      initial_state, memory, loggers=True)
-    ours_trunc = run_ours_train(dataclasses.replace(setup, cfg=cfg_truncated), "ours truncated (same tokens)",
-                                clips, truncated_masks, initial_state, memory)
-    ours_packed = run_ours_train(dataclasses.replace(setup, cfg=cfg_packed), "ours packed (default)", clips,
-                                 packed_masks, initial_state, memory)
+    truncated = dataclasses.replace(setup, cfg=cfg_truncated)
+    packed = dataclasses.replace(setup, cfg=cfg_packed)
+    train_runs = (  # (JSON key, row name, run)
+        ("reference", "reference", lambda name: run_reference_train(
+            setup, name, ref, clips, ref_masks, truncated_masks, initial_state, memory, loggers=False)),
+        ("reference_loggers", "reference + loggers", lambda name: run_reference_train(
+            setup, name, ref, clips, ref_masks, truncated_masks, initial_state, memory, loggers=True)),
+        ("ours_truncated", "ours truncated (same tokens)", lambda name: run_ours_train(
+            truncated, name, clips, truncated_masks, initial_state, memory)),
+        ("ours_packed", "ours packed (default)", lambda name: run_ours_train(
+            packed, name, clips, packed_masks, initial_state, memory)),
+    )
+    for key, name, run in train_runs:
+        result.add("train", key, attempt(name, lambda: run(name), device))  # noqa: B023 (called at once)
     print("frozen-eval forward ...", flush=True)
-    ref_eval, ref_out = run_reference_eval(setup, ref, eval_clips, initial_state[0], memory)
-    ours_eval, ours_out = run_ours_eval(setup, eval_clips, initial_state[0], memory)
-    eval_diff = (ours_out - ref_out).abs().max().item()
+    outs = {}
+    for key, run in (("reference", lambda: run_reference_eval(setup, ref, eval_clips, initial_state[0], memory)),
+                     ("ours", lambda: run_ours_eval(setup, eval_clips, initial_state[0], memory))):
+        measured = attempt(key, run, device)
+        if isinstance(measured, tuple):
+            measured, outs[key] = measured
+        if key == "ours" and len(outs) == 2:
+            result.eval_max_abs_diff = (outs["ours"] - outs["reference"]).abs().max().item()
+        result.add("eval", key, measured)
 
-    train_runs = [ref_run, ref_log_run, ours_trunc, ours_packed]
-    ratios = {
-        "samples_per_s_truncated": _ratio(ours_trunc.samples_per_s, ref_run.samples_per_s),
-        "peak_memory_truncated": _ratio(ours_trunc.peak_mem_gb, ref_run.peak_mem_gb),
-        "samples_per_s_truncated_vs_ref_loggers": _ratio(ours_trunc.samples_per_s, ref_log_run.samples_per_s),
-        "samples_per_s_ref_loggers_vs_ref": _ratio(ref_log_run.samples_per_s, ref_run.samples_per_s),
-        "samples_per_s_packed": _ratio(ours_packed.samples_per_s, ref_run.samples_per_s),
-        "tokens_per_s_packed": _ratio(ours_packed.tokens_per_s, ref_run.tokens_per_s),
-        "model_flops_per_s_packed": _ratio(ours_packed.model_tflops_per_s, ref_run.model_tflops_per_s),
-        "peak_memory_packed": _ratio(ours_packed.peak_mem_gb, ref_run.peak_mem_gb),
-        "samples_per_s_eval": _ratio(ours_eval.samples_per_s, ref_eval.samples_per_s),
-        "peak_memory_eval": _ratio(ours_eval.peak_mem_gb, ref_eval.peak_mem_gb),
-    }
-    loss_diff = abs(ours_trunc.first_loss - ref_run.first_loss)
-
-    lines = [""]
-    lines += _table(f"training step (batch {b})", train_runs, n, cpu, with_tokens=True)
-    lines += [""]
-    lines += _table(f"frozen-eval forward (batch {eval_b})", [ref_eval, ours_eval], n, cpu, with_tokens=False)
-    lines += ["",
-              f"ratio samples/s ours/ref (truncated): {_fmt(ratios['samples_per_s_truncated'], '.2f')}",
-              f"ratio peak memory ours/ref (truncated): {_fmt(ratios['peak_memory_truncated'], '.2f')}",
-              f"ratio samples/s ours/ref+loggers (truncated): "
-              f"{_fmt(ratios['samples_per_s_truncated_vs_ref_loggers'], '.2f')}",
-              f"ratio samples/s ref+loggers/ref: {_fmt(ratios['samples_per_s_ref_loggers_vs_ref'], '.2f')}",
-              f"ratio samples/s ours/ref (packed): {_fmt(ratios['samples_per_s_packed'], '.2f')}",
-              f"ratio tokens/s ours/ref (packed): {_fmt(ratios['tokens_per_s_packed'], '.2f')}",
-              f"ratio model FLOP/s ours/ref (packed): {_fmt(ratios['model_flops_per_s_packed'], '.2f')}",
-              f"ratio peak memory ours/ref (packed): {_fmt(ratios['peak_memory_packed'], '.2f')}",
-              f"ratio samples/s ours/ref (eval forward): {_fmt(ratios['samples_per_s_eval'], '.2f')}",
-              f"ratio peak memory ours/ref (eval forward): {_fmt(ratios['peak_memory_eval'], '.2f')}",
-              "",
-              f"MFU over {_fmt(setup.peak_tflops, '.1f')} TFLOP/s (engine.throughput.peak_tflops); packed mode keeps "
-              f"every context token: ours {' / '.join(f'{c / n:.0%}' for c in ours_packed.context_tokens_per_clip)} "
-              f"of N per clip vs the reference's batch-min "
-              f"{' / '.join(f'{c / n:.0%}' for c in ref_run.context_tokens_per_clip)}",
-              f"cross-check, first step loss (truncated, same weights, clip and masks): ours "
-              f"{ours_trunc.first_loss:.7f} ref {ref_run.first_loss:.7f} |diff| {loss_diff:.2e}; eval forward max "
-              f"|diff| {eval_diff:.2e}"]
-    if cpu:
-        lines.append("CPU peak memory: the rise of the process's peak resident set (VmHWM) over its resident set "
-                     "before the run, an approximation; on a GPU it is the CUDA allocator's peak")
-    print("\n".join(lines), flush=True)
-
+    print("\n".join(result.report(n, cpu, setup.peak_tflops)), flush=True)
+    result.write(complete=True)
     if args.json is not None:
-        result = {
-            "config": str(args.config), "overrides": list(getattr(args, "overrides", [])), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if not cpu else "cpu", "dtype": dtype,
-            "batch_size": b, "eval_batch_size": eval_b, "num_tokens": n, "steps": setup.steps,
-            "warmup": setup.warmup, "cpu_threads": torch.get_num_threads(), "load_average": load,
-            "clip_grad": setup.clip_grad, "peak_tflops": setup.peak_tflops,
-            "peak_memory_method": "vmhwm_rise_over_rss" if cpu else "cuda_max_memory_allocated",
-            "ours_backends": ours_backends,
-            "train": {"reference": ref_run.to_dict(), "reference_loggers": ref_log_run.to_dict(),
-                      "ours_truncated": ours_trunc.to_dict(), "ours_packed": ours_packed.to_dict()},
-            "eval": {"reference": ref_eval.to_dict(), "ours": ours_eval.to_dict(), "max_abs_diff": eval_diff},
-            "ratios": ratios,
-            "loss_check": {"ours_truncated": ours_trunc.first_loss, "reference": ref_run.first_loss,
-                           "reference_loggers": ref_log_run.first_loss, "abs_diff": loss_diff},
-            "versions": _versions(ref),
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
-    return 0
-
+    return 1 if result.failed else 0
 
 if __name__ == "__main__":
     sys.exit(main())

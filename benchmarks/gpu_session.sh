@@ -173,9 +173,11 @@ else
   skip aot "kernels/aot.py absent"
 fi
 
-# summary: the benchmark table, then one line per step
-if compgen -G "$OUT/bench_*.json" >/dev/null; then
-  "$PY" benchmarks/report.py "$OUT"/bench_*.json 2>&1 | tee -a "$LOG"
+# summary: the benchmark table and the comparison with the reference, then one line per step
+reports=()
+for f in "$OUT"/bench_*.json "$OUT"/compare_*.json; do [[ -f $f ]] && reports+=("$f"); done
+if ((${#reports[@]})); then
+  "$PY" benchmarks/report.py "${reports[@]}" 2>&1 | tee -a "$LOG"
 fi
 say "== steps (${BUDGET}s budget, $((SECONDS - START))s used; copy \$OUT to the results_dir that env.json names):"
 for line in "${RESULTS[@]}"; do say "   $line"; done

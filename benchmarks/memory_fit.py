@@ -42,6 +42,7 @@ from benchmarks.step_case import make_step, step_case  # noqa: E402
 from engine.backends import TorchBackend  # noqa: E402
 from engine.config import Config, load_config  # noqa: E402
 from engine.dry_run import GIB, MASK_STEPS, dry_run_report  # noqa: E402
+from engine.durable import write_text_atomic  # noqa: E402
 from engine.loop import build_models  # noqa: E402
 from engine.packed_masks import MaskMaker  # noqa: E402
 from models import attention  # noqa: E402
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             c = run["cases"][-1]
             print(f"  batch {b}, checkpointing {k}: {c['status']}", flush=True)
             if args.json:  # after every case: a run cut short by a time limit keeps the cases it finished
-                args.json.write_text(json.dumps({"versions": versions(), "runs": [*earlier, run]}, indent=1) + "\n")
+                write_text_atomic(args.json, json.dumps({"versions": versions(), "runs": [*earlier, run]}, indent=1)
+                                  + "\n")  # atomic: a kill mid-write must not leave a file --append cannot read
     print(format_run(run), flush=True)
     return 0
 

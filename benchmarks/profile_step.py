@@ -16,6 +16,8 @@ profiler (step_ms, clips/s, model TFLOP/s, MFU against the data sheet), then the
   * top_kernels: the kernels by device time per step, with their share of the busy time.
 Overrides after the options apply to every config (e.g. `--data.batch_size=2` for a small CPU run). `--trace-dir`
 also writes each Chrome trace (https://ui.perfetto.dev). `benchmarks/gpu_session.sh` runs this as its `profile` step.
+A config that raises (out of memory, an error) is recorded with its error and the next one still runs (exit code 1);
+--json is rewritten after every config (`complete` false until the last), so a run cut short keeps what finished.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ if not torch.cuda.is_available():
 
 import kernels  # noqa: E402
 from benchmarks.conftest import versions  # noqa: E402
+from benchmarks.failed_run import Failed, attempt  # noqa: E402
 from benchmarks.step_case import make_step, step_case  # noqa: E402
 from engine.backends import TorchBackend  # noqa: E402
 from engine.config import Config, load_config  # noqa: E402
+from engine.durable import write_text_atomic  # noqa: E402
 from engine.loop import attention_line, build_models  # noqa: E402
 from engine.profiling import PREFIX  # noqa: E402
 from engine.throughput import peak_tflops  # noqa: E402
@@ -200,19 +204,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.truncate:
         overrides = [*overrides, "--mask.truncate_to_batch_min=true"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = []
-    for path in args.config:
-        cfg = load_config(path, overrides)
+    configs = [(path, load_config(path, overrides)) for path in args.config]  # every config's errors before any run
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    header, results = {"device": device_name, "versions": versions()}, []
+    for path, cfg in configs:
         name = f"{Path(path).stem}-{'truncated' if args.truncate else 'packed'}"
-        result = profile_config(cfg, name, steps=args.steps, warmup=args.warmup, device=device,
-                                trace_dir=args.trace_dir)
-        print(format_result(result), flush=True)
+        result = attempt(name, lambda: profile_config(cfg, name, steps=args.steps, warmup=args.warmup,  # noqa: B023
+                                                      device=device, trace_dir=args.trace_dir), device)
+        if isinstance(result, Failed):
+            result = {"name": name, "error": result.error, "out_of_memory": result.out_of_memory}
+        else:
+            print(format_result(result), flush=True)
         results.append(result)
-    if args.json:
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        args.json.write_text(json.dumps({"device": device_name, "versions": versions(), "results": results},
-                                        indent=1) + "\n")
-    return 0
+        if args.json:  # after every config: a command cut short by the device's limit keeps the configs it finished
+            complete = len(results) == len(configs)
+            write_text_atomic(args.json, json.dumps({**header, "complete": complete, "results": results},
+                                                    indent=1) + "\n")
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One table from pytest-benchmark JSON files: each provider's rate, and the Triton op against its targets.
 
-Usage: python benchmarks/report.py [--markdown | --update-readme [--readme PATH]] bench_*.json
+Usage: python benchmarks/report.py [--markdown | --update-readme [--readme PATH]] bench_*.json [compare_*.json]
   (no flag)        the text table below, with every provider of every benchmark (gpu_session.sh prints it)
   --markdown       the README table: per device kind, each fused op against its reference (and torch.compile of the
                    reference where a benchmark has that provider), the training step end to end, the frozen-eval
@@ -16,6 +16,10 @@ and >= 1.3x the padded SDPA on the ragged context sets.
 The loader (median: seconds per batch): clips/s and frames/s of every decoder, against what the step consumes.
 The training step and the eval forward (benchmarks/test_bench_train_step.py): clips/s, tokens/s, model TFLOP/s and MFU
 against the GEMM measured in the same run and the data-sheet peak.
+compare_<config>.json (benchmarks/compare_reference.py --json) adds the end-to-end table against facebookresearch/jepa:
+both sides' clips/s, ours/reference ratios like for like (truncated) and packed, peak memory, packed MFU, the eval
+forward and the first-step loss cross-check, beside the issue's targets (>= 2x clips/s at <= 0.7x peak memory like for
+like; packed MFU >= 45% on ViT-H/16-384).
 """
 
 from __future__ import annotations
@@ -44,10 +48,21 @@ ATTENTION_VS_PADDED = 1.3
 
 
 def rows(paths: list[str]) -> list[dict[str, Any]]:
+    """One row per benchmark of pytest-benchmark files, and one per benchmarks/compare_reference.py file (op
+    "compare_reference", its whole JSON under "compare")."""
     out = []
     for path in paths:
-        for b in json.load(open(path))["benchmarks"]:
-            out.append({**b["extra_info"], "median_s": b["stats"]["median"], "source": str(path)})
+        data = json.load(open(path))
+        if "benchmarks" in data:
+            for b in data["benchmarks"]:
+                out.append({**b["extra_info"], "median_s": b["stats"]["median"], "source": str(path)})
+        elif "train" in data and "ratios" in data:
+            out.append({"op": "compare_reference", "case": Path(data["config"]).stem, "direction": "step",
+                        "provider": "ours-vs-reference", "device": data["device_name"],
+                        "interpreted": data["device"] == "cpu", "versions": data.get("versions"), "compare": data,
+                        "source": str(path)})
+        else:
+            raise SystemExit(f"{path}: neither pytest-benchmark JSON nor benchmarks/compare_reference.py --json")
     return out
 
 
@@ -63,11 +78,19 @@ def _rate(r: dict[str, Any], key: str) -> str:
 
 
 def main(paths: list[str]) -> None:
-    print(f"{'op':15s} {'case':36s} {'dir':8s} {'provider':15s} {'median us':>11s} {'GB/s':>8s} {'TFLOP/s':>8s}  vs")
-    for (op, case, direction), providers in _groups(rows(paths)).items():
+    rows_ = rows(paths)
+    compared = [r for r in rows_ if r["op"] == "compare_reference"]
+    rows_ = [r for r in rows_ if r["op"] != "compare_reference"]
+    if rows_:
+        print(f"{'op':15s} {'case':36s} {'dir':8s} {'provider':15s} {'median us':>11s} {'GB/s':>8s} "
+              f"{'TFLOP/s':>8s}  vs")
+    for (op, case, direction), providers in _groups(rows_).items():
         for name, r in providers.items():
             print(f"{op:15s} {case:36s} {direction:8s} {name:15s} {r['median_s'] * 1e6:11.1f} {_rate(r, 'gbps')} "
                   f"{_rate(r, 'tflops' if 'tflops' in r else 'model_tflops')}  {_verdict(op, name, r, providers)}")
+    if compared:
+        print("\nagainst facebookresearch/jepa (benchmarks/compare_reference.py):")
+        print("\n".join(_comparison_table(compared)))
 
 
 def _attention_verdict(r: dict[str, Any], providers: dict[str, dict[str, Any]]) -> str:
@@ -205,6 +228,60 @@ def _loader_table(rows_: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# the issue's end-to-end targets against the reference on the same GPU: like for like (truncated) >= 2x its clips/s
+# at <= 0.7x its peak memory; packed MFU >= 45% of the data sheet on ViT-H/16-384
+VS_REFERENCE_SPEEDUP = 2.0
+VS_REFERENCE_MEMORY = 0.7
+PACKED_MFU = {"vith16_384": 0.45}
+
+
+def _measured(run: dict[str, Any] | None, key: str, fmt: str) -> str:
+    """A run's figure, or why it has none (out of memory, failed, not run: a session cut short)."""
+    if run is None:
+        return "not run"
+    if "error" in run:
+        return "OOM" if run.get("out_of_memory") else "failed"
+    return _num(run.get(key), fmt)
+
+
+def _comparison_targets(case: str, c: dict[str, Any]) -> str:
+    ratios, notes = c["ratios"], []
+    speed, memory = ratios.get("samples_per_s_truncated"), ratios.get("peak_memory_truncated")
+    if speed is not None:
+        notes.append(f"{speed:.2f}x {'>=' if speed >= VS_REFERENCE_SPEEDUP else '<'} {VS_REFERENCE_SPEEDUP:g}x")
+    if memory is not None:
+        notes.append(f"mem {memory:.2f}x {'<=' if memory <= VS_REFERENCE_MEMORY else '>'} {VS_REFERENCE_MEMORY:g}x")
+    mfu, goal = (c["train"].get("ours_packed") or {}).get("mfu"), PACKED_MFU.get(case)
+    if goal is not None and mfu is not None:
+        notes.append(f"MFU {mfu:.0%} {'>=' if mfu >= goal else '<'} {goal:.0%}")
+    return ", ".join(notes) or "-"
+
+
+def _comparison_table(rows_: list[dict[str, Any]]) -> list[str]:
+    """One line per config: the reference's clips/s (without and with its per-step loggers), ours like for like
+    (truncated: the same tokens) and packed (every context token), their ratios, the eval forward and the first-step
+    loss cross-check."""
+    lines = ["| config | batch | dtype | reference clips/s | ref + loggers | ours truncated clips/s | x ref | "
+             "peak mem ours/ref | ours packed clips/s | x ref | tokens/s x ref | packed MFU (data sheet) | "
+             "eval forward x ref | loss@1 diff | targets |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows_:
+        c = r["compare"]
+        t, ratios = c["train"], c["ratios"]
+        packed = t.get("ours_packed")
+        lines.append(
+            f"| {r['case']} | {c['batch_size']} | {c['dtype']} | {_measured(t.get('reference'), 'samples_per_s', '.1f')}"
+            f" | {_measured(t.get('reference_loggers'), 'samples_per_s', '.1f')} | "
+            f"{_measured(t.get('ours_truncated'), 'samples_per_s', '.1f')} | "
+            f"{_x(ratios.get('samples_per_s_truncated'))} | {_x(ratios.get('peak_memory_truncated'))} | "
+            f"{_measured(packed, 'samples_per_s', '.1f')} | {_x(ratios.get('samples_per_s_packed'))} | "
+            f"{_x(ratios.get('tokens_per_s_packed'))} | "
+            f"{_measured(packed, 'mfu', '.0%')} | "
+            f"{_x(ratios.get('samples_per_s_eval'))} | {_num((c.get('loss_check') or {}).get('abs_diff'), '.1e')} | "
+            f"{_comparison_targets(r['case'], c)}{'' if c.get('complete', True) else ' (cut short)'} |")
+    return lines
+
+
 def _env(folder: Path) -> dict[str, Any]:
     try:
         return json.loads((folder / "env.json").read_text())
@@ -246,6 +323,12 @@ def device_section(rows_: list[dict[str, Any]], kind: str) -> str:
     if gemm:
         gemms = ", ".join(f"{r['case']} {r['dtype']} {r['tflops']:.3g} TFLOP/s" for r in gemm)
         lines += [f"Bare GEMM of the same run (the measured peak of the MFU column): {gemms}.", ""]
+    compared = [r for r in rows_ if r["op"] == "compare_reference"]
+    if compared:
+        lines += ["Against facebookresearch/jepa on the same GPU (benchmarks/compare_reference.py: same config, "
+                  "batch, dtype, clips and initial weights; ours truncated runs the reference collator's own masks, "
+                  "ours packed keeps every context token; x ref = ours / reference):", "",
+                  *_comparison_table(compared), ""]
     loader = [r for r in rows_ if r["op"] == "loader"]
     if loader:
         lines += ["Data loader (frames/s the step receives; decoded counts the frames decoded to reach them):", "",
@@ -292,7 +375,8 @@ def update_readme(readme: Path, paths: list[str], results_root: Path = ROOT / "b
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", metavar="JSON", help="pytest-benchmark JSON files")
+    parser.add_argument("paths", nargs="+", metavar="JSON",
+                        help="pytest-benchmark JSON files and/or benchmarks/compare_reference.py --json files")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--markdown", action="store_true", help="print the README's tables")
     mode.add_argument("--update-readme", action="store_true", help="rewrite this device's tables in the README")

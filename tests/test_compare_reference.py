@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from benchmarks import compare_reference as cr
+from benchmarks.failed_run import Failed, attempt
 from benchmarks.reference_step import ReferenceError, check_reference_path
 from engine.config import load_config
 from engine.packed_masks import MaskMaker
@@ -145,3 +146,64 @@ def test_compare_against_reference_on_tiny_config(tmp_path):
     assert check["abs_diff"] < 1e-5, check
     assert check["reference_loggers"] == check["reference"]
     assert result["eval"]["max_abs_diff"] < 1e-4
+
+
+def _run(name: str, samples_per_s: float, peak_gb: float, loss: float) -> cr.Run:
+    """A measured run with `samples_per_s` at batch 4 over 2 steps."""
+    return cr.Run(name, batch_size=4, steps=2, seconds=8 / samples_per_s, tokens=1000, flops=10**12,
+                  peak_mem_gb=peak_gb, peak_tflops=None, first_loss=loss, context_tokens_per_clip=[10.0],
+                  target_tokens_per_clip=[5.0])
+
+
+def test_a_run_that_raises_is_recorded_and_the_next_one_goes_on(capsys):
+    cpu = torch.device("cpu")
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nsecond line")
+
+    def broken():
+        raise ValueError("bad shape")
+
+    failed = attempt("reference", oom, cpu)
+    assert failed == Failed("reference", "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB", True)
+    err = capsys.readouterr().err
+    assert "reference: out of memory" in err and "Traceback" not in err  # an OOM is a result, not a bug
+    failed = attempt("ours packed", broken, cpu)
+    assert failed == Failed("ours packed", "ValueError: bad shape", False)
+    assert "Traceback" in capsys.readouterr().err  # an error shows where it came from
+    run = _run("ours", 2.0, 1.0, 0.5)
+    assert attempt("ours", lambda: run, cpu) is run
+
+
+def test_results_are_written_after_every_run_and_missing_sides_give_no_ratio(tmp_path):
+    out = tmp_path / "sub" / "compare.json"
+    comparison = cr.Comparison({"batch_size": 4, "eval_batch_size": 4, "config": "c.json"}, out)
+    comparison.add("train", "reference", _run("reference", 2.0, 4.0, 0.75))
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and partial["config"] == "c.json"
+    assert partial["train"]["reference"]["samples_per_s"] == pytest.approx(2.0)
+    assert partial["ratios"]["samples_per_s_truncated"] is None  # ours has not run yet
+
+    comparison.add("train", "ours_truncated", Failed("ours truncated (same tokens)", "OutOfMemoryError: x", True))
+    comparison.add("train", "ours_packed", _run("ours packed (default)", 5.0, 2.0, 0.7))
+    comparison.add("eval", "reference", Failed("reference", "RuntimeError: boom", False))
+    comparison.add("eval", "ours", _run("ours", 3.0, 1.0, 0.0))
+    comparison.write(complete=True)
+    result = json.loads(out.read_text())
+    assert result["complete"] is True
+    assert result["failed"] == ["ours truncated (same tokens)", "reference"]
+    assert result["train"]["ours_truncated"] == {"name": "ours truncated (same tokens)",
+                                                 "error": "OutOfMemoryError: x", "out_of_memory": True}
+    ratios = result["ratios"]
+    assert ratios["samples_per_s_packed"] == pytest.approx(2.5) and ratios["peak_memory_packed"] == pytest.approx(0.5)
+    assert ratios["samples_per_s_truncated"] is None and ratios["samples_per_s_eval"] is None
+    assert result["loss_check"] == {"ours_truncated": None, "reference": 0.75, "reference_loggers": None,
+                                    "abs_diff": None}
+    assert not list(out.parent.glob("*.tmp"))  # written atomically
+
+    text = "\n".join(comparison.report(n=32, cpu=True, peak_tflops=None))
+    assert "ratio samples/s ours/ref (packed): 2.50" in text
+    assert "ratio samples/s ours/ref (truncated): n/a" in text
+    assert "ours truncated (same tokens)   out of memory" in text
+    assert "not measured: reference: RuntimeError: boom" in text
+    assert "|diff| n/a" in text

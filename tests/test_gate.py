@@ -155,3 +155,65 @@ def test_benchmarks_readme_has_the_generated_section():
     # numbers only with committed raw JSON: until a GPU session's results are in benchmarks/results/, none
     committed = list((report.ROOT / "benchmarks" / "results").glob("*/bench_*.json"))
     assert (report.NO_RESULTS in section) == (not committed)
+
+
+def _comparison(folder, device=H100, *, packed_oom=False, complete=True, config="configs/vith16_384.json"):
+    """A compare_<config>.json as benchmarks/compare_reference.py writes it (its own Comparison class)."""
+    from benchmarks import compare_reference as cr
+    from benchmarks.failed_run import Failed
+
+    def run(name, samples_per_s, peak_gb, mfu):
+        # batch 10, one step: seconds from clips/s; FLOPs from the MFU over a 1000 TFLOP/s peak
+        seconds = 10 / samples_per_s
+        return cr.Run(name, 10, 1, seconds, tokens=10_000, flops=int(mfu * 1000e12 * seconds), peak_mem_gb=peak_gb,
+                      peak_tflops=1000.0, first_loss=0.5, context_tokens_per_clip=[1000.0], target_tokens_per_clip=[9.0])
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"compare_{config.split('/')[-1].removesuffix('.json')}.json"
+    header = {"config": config, "device": "cpu" if device == "x86_64" else "cuda:0", "device_name": device,
+              "dtype": "bfloat16", "batch_size": 10, "eval_batch_size": 10, "versions": {"torch": "2.11.0"}}
+    c = cr.Comparison(header, path)
+    c.add("train", "reference", run("reference", 4.0, 60.0, 0.2))
+    c.add("train", "reference_loggers", run("reference + loggers", 3.5, 60.0, 0.18))
+    c.add("train", "ours_truncated", run("ours truncated (same tokens)", 9.0, 36.0, 0.45))
+    c.add("train", "ours_packed", Failed("ours packed (default)", "OutOfMemoryError: x", True) if packed_oom
+          else run("ours packed (default)", 6.0, 50.0, 0.40))
+    if complete:
+        c.add("eval", "reference", run("reference", 20.0, 5.0, 0.3))
+        c.add("eval", "ours", run("ours", 30.0, 4.0, 0.45))
+    c.write(complete=complete)
+    return str(path)
+
+
+def test_markdown_has_the_comparison_with_the_reference_and_its_targets(tmp_path, capsys):
+    folder = tmp_path / "2026-11-21_h100"
+    table = report.markdown(report.rows([*_results(folder), _comparison(folder)]))
+    assert "Against facebookresearch/jepa on the same GPU" in table
+    row = next(line for line in table.splitlines() if line.startswith("| vith16_384 |"))
+    assert row == ("| vith16_384 | 10 | bfloat16 | 4.0 | 3.5 | 9.0 | 2.25x | 0.60x | 6.0 | 1.50x | 1.50x | 40% | "
+                   "1.50x | 0.0e+00 | 2.25x >= 2x, mem 0.60x <= 0.7x, MFU 40% < 45% |")
+    # a run that did not fit, and a session cut short before the eval forward
+    other = report.markdown(report.rows([_comparison(tmp_path / "b", packed_oom=True, complete=False)]))
+    row = next(line for line in other.splitlines() if line.startswith("| vith16_384 |"))
+    assert "| OOM | - |" in row and row.endswith("(cut short) |")
+    report.main([_comparison(tmp_path / "c", config="configs/vitl16.json")])
+    out = capsys.readouterr().out
+    assert "against facebookresearch/jepa" in out and "| vitl16 |" in out and "MFU" not in out.splitlines()[-1]
+
+
+def test_update_readme_takes_comparisons_and_refuses_cpu_ones(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\n{report.NO_RESULTS}\n{report.END}\n")
+    folder = tmp_path / "results" / "2026-11-21_h100"
+    report.update_readme(readme, [_comparison(folder)], results_root=tmp_path / "results")
+    assert "| vith16_384 | 10 | bfloat16 |" in readme.read_text()
+    cpu = _comparison(tmp_path / "results" / "2026-11-21_cpu", device="x86_64")
+    with pytest.raises(SystemExit, match="interpreted"):
+        report.update_readme(readme, [cpu], results_root=tmp_path / "results")
+
+
+def test_report_names_a_file_it_cannot_read(tmp_path):
+    other = tmp_path / "memory_fit.json"
+    other.write_text(json.dumps({"runs": []}))
+    with pytest.raises(SystemExit, match="memory_fit.json: neither pytest-benchmark JSON nor"):
+        report.rows([str(other)])

@@ -71,7 +71,10 @@ def test_compare_reference_step_writes_its_json(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads((tmp_path / "compare_tiny_synthetic.json").read_text())
     assert result["ratios"]["samples_per_s_truncated"] > 0 and result["loss_check"]["abs_diff"] < 1e-5
-    assert "== compare_reference: ok" in (tmp_path / "session.log").read_text()
+    assert result["complete"] is True and result["failed"] == []
+    log = (tmp_path / "session.log").read_text()
+    assert "== compare_reference: ok" in log
+    assert "against facebookresearch/jepa" in log and "| tiny_synthetic |" in log  # the summary's table
 
 
 def test_profile_step_writes_its_summary(tmp_path):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks.profile_step import summarize
 
@@ -68,3 +69,29 @@ def test_the_command_profiles_the_tiny_step_on_the_cpu(tmp_path):
     assert step_phases <= set(result["phases"])
     assert all(p["cpu_ms_per_step"] > 0 for p in result["phases"].values())
     assert (tmp_path / "trace_tiny_synthetic-packed.json").is_file()
+
+
+def test_a_config_that_raises_is_recorded_and_the_next_still_runs(tmp_path, monkeypatch):
+    """Out of memory on the first config: recorded, the JSON already written, the second config profiled; exit 1."""
+    from benchmarks import profile_step
+
+    out = tmp_path / "profile.json"
+    seen = []
+
+    def fake_profile(cfg, name, **kwargs):
+        if not seen:
+            seen.append(name)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        seen.append(json.loads(out.read_text()))  # what a kill at this point would leave
+        return {"name": name, "step_ms": 1.0}
+
+    monkeypatch.setattr(profile_step, "profile_config", fake_profile)
+    monkeypatch.setattr(profile_step, "format_result", lambda r: r["name"])
+    tiny = str(ROOT / "configs" / "tiny_synthetic.json")
+    assert profile_step.main(["--config", tiny, "--config", tiny, "--json", str(out)]) == 1
+    partial = seen[1]
+    assert partial["complete"] is False
+    assert partial["results"] == [{"name": "tiny_synthetic-packed", "out_of_memory": True,
+                                   "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB"}]
+    final = json.loads(out.read_text())
+    assert final["complete"] is True and final["results"][1] == {"name": "tiny_synthetic-packed", "step_ms": 1.0}
