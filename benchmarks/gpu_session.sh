@@ -120,8 +120,10 @@ else  # whatever --only names: every later step needs them (deepspeed, PyAV) and
   [[ -d /tmp/site ]] && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
-# (c) every GPU test, compiled (tests/conftest.py interprets Triton unless told not to); exit 5: none collected
-step gpu_tests 240 "TRITON_INTERPRET=0 $(q "$PY") -m pytest tests -m gpu -q -p no:cacheprovider --junitxml=$(q "$OUT/gpu_tests.xml")" 5
+# (c) every GPU test, compiled (tests/conftest.py interprets Triton unless told not to), the kernels' first; near the
+# limit the rest skip naming VJEPA_BENCH_DEADLINE (-rs prints it: the step is then partial) and the XML is written;
+# exit 5: none collected
+step gpu_tests 240 "TRITON_INTERPRET=0 $(q "$PY") -m pytest tests -m gpu -q -rs -p no:cacheprovider --junitxml=$(q "$OUT/gpu_tests.xml")" 5
 
 # (d) the benchmarks, most important first
 for entry in "${BENCHMARKS[@]}"; do

@@ -139,3 +139,29 @@ def test_a_benchmark_run_killed_midway_keeps_the_results_it_finished(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 137, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [b["name"] for b in json.loads(out.read_text())["benchmarks"]] == ["test_finished"]
+
+
+def _pytest(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_tests_run_the_kernels_first_and_the_training_runs_last():
+    """Under `-m gpu` (the gpu_tests step, which a time limit may end) the cheap kernel checks come first."""
+    proc = _pytest("tests", "-m", "gpu", "--collect-only", "-q", env={"TRITON_INTERPRET": "0"})
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    files = [i.split("::")[0].removeprefix("tests/") for i in ids]
+    assert files and files[0].startswith("test_kernel_") and files[-1] == "test_gpu_training.py", files
+    kernel = [f.startswith("test_kernel_") for f in files]
+    assert kernel == sorted(kernel, reverse=True)  # every kernel test before any other
+    assert len(set(files)) > 3
+
+
+def test_tests_past_the_session_deadline_skip_naming_it(tmp_path):
+    """gpu_session.sh's deadline: the remaining tests skip (pytest ends normally and writes its junit XML)."""
+    xml = tmp_path / "junit.xml"
+    proc = _pytest("tests/test_schedules.py", "-q", "-rs", f"--junitxml={xml}", env={"VJEPA_BENCH_DEADLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "passed" not in proc.stdout and "time budget of the session spent (VJEPA_BENCH_DEADLINE)" in proc.stdout
+    assert 'skipped="' in xml.read_text()
