@@ -68,12 +68,11 @@ def _by_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packi
         return _dense(q, k, v, packing.num_seqs, packing.max_seqlen)
     groups, order, inverse = packing.length_groups
     order, inverse = order.to(q.device, non_blocking=True), inverse.to(q.device, non_blocking=True)
-    q, k, v = (t.index_select(0, order) for t in (q, k, v))
-    outs, row = [], 0
-    for seqlen, count in groups:
-        rows = slice(row, row + seqlen * count)
-        outs.append(_dense(q[rows], k[rows], v[rows], count, seqlen))
-        row += seqlen * count
+    # split, not row slices: the backward of a split is one cat, where each slice's backward would fill a zeroed
+    # full-size gradient, once per distinct length
+    sizes = [seqlen * count for seqlen, count in groups]
+    parts = zip(*(t.index_select(0, order).split(sizes) for t in (q, k, v)))
+    outs = [_dense(qg, kg, vg, count, seqlen) for (qg, kg, vg), (seqlen, count) in zip(parts, groups)]
     return torch.cat(outs).index_select(0, inverse)
 
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import VARIANTS, Packing, Predictor, PredictorLayout, VisionTransformer
 from models.attention import packed_attention
+from models.blocks import Block
 from models.pos_embed import sincos_3d
 
 
@@ -99,6 +101,34 @@ def test_packed_attention_matches_per_sequence_softmax(lengths):
     (grad,) = torch.autograd.grad(out, qkv, g)
     (grad_ref,) = torch.autograd.grad(ref, qkv, g)
     torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-5)
+
+
+class _BackwardOps(TorchDispatchMode):
+    """The aten ops a backward pass runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func._schema.name.split("::")[-1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("lengths", [[6, 6, 6], [1, 7, 3, 7, 13]])
+def test_attention_backward_writes_the_qkv_gradient_in_one_piece(lengths):
+    """Splitting qkv into q, k, v (and a ragged batch into its length groups) must not cost a zeroed full-size
+    gradient per piece: select and slice backwards fill one each, unbind and split backwards write one stack / cat."""
+    torch.manual_seed(0)
+    blk = Block(24, 3, 48)
+    x = torch.randn(sum(lengths), 24, requires_grad=True)
+    out = blk(x, Packing.from_seqlens(lengths))
+    audit = _BackwardOps()
+    with audit:
+        out.sum().backward()
+    assert not audit.ops & {"select_backward", "slice_backward"}, audit.ops
+    assert "stack" in audit.ops  # dq, dk, dv in one write
+    assert x.grad is not None and blk.attn.qkv.weight.grad.abs().sum() > 0
 
 
 def _tiny_encoder(seed=0):
