@@ -108,15 +108,19 @@ def test_gpu_tests_are_skipped_where_triton_is_interpreted_on_a_gpu(monkeypatch)
         def add_marker(self, marker):
             self.markers.append(marker)
 
+    class Config:
+        def getoption(self, name):
+            return {"markexpr": ""}[name]
+
     items = [Item(True), Item(False)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    pytest_collection_modifyitems(None, items)
+    pytest_collection_modifyitems(Config(), items)
     assert [len(i.markers) for i in items] == [1, 0]
     assert "TRITON_INTERPRET=0 pytest tests -m gpu" in items[0].markers[0].kwargs["reason"]
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled: the GPU tests run
     items = [Item(True)]
-    pytest_collection_modifyitems(None, items)
+    pytest_collection_modifyitems(Config(), items)
     assert items[0].markers == []
 
 
@@ -165,3 +169,14 @@ def test_tests_past_the_session_deadline_skip_naming_it(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "passed" not in proc.stdout and "time budget of the session spent (VJEPA_BENCH_DEADLINE)" in proc.stdout
     assert 'skipped="' in xml.read_text()
+
+
+def test_cap_sets_a_steps_limit_and_bad_caps_are_refused(tmp_path):
+    proc = _session(tmp_path, "--dry-run", "--only", "gpu_tests", "--cap", "gpu_tests=77")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "== gpu_tests (limit 77s)" in (tmp_path / "session.log").read_text()
+    for bad, message in ((["--cap", "bench_nothing=5"], "unknown step 'bench_nothing'"),
+                         (["--cap", "gpu_tests"], "--cap needs NAME=SECONDS"),
+                         (["--cap=gpu_tests=soon"], "--cap gpu_tests needs whole seconds")):
+        proc = _session(tmp_path / "bad", *bad)
+        assert proc.returncode == 2 and message in proc.stderr, (bad, proc.stderr)
