@@ -187,9 +187,11 @@ else
   skip aot "kernels/aot.py absent"
 fi
 
-# summary: the benchmark table and the comparison with the reference, then one line per step
+# summary: the benchmark table, the comparison with the reference, the profile and memory fit, then one line per step
 reports=()
-for f in "$OUT"/bench_*.json "$OUT"/compare_*.json; do [[ -f $f ]] && reports+=("$f"); done
+for f in "$OUT"/bench_*.json "$OUT"/compare_*.json "$OUT"/profile.json "$OUT"/memory_fit.json; do
+  [[ -f $f ]] && reports+=("$f")
+done
 if ((${#reports[@]})); then
   "$PY" benchmarks/report.py "${reports[@]}" 2>&1 | tee -a "$LOG"
 fi

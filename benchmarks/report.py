@@ -19,7 +19,8 @@ against the GEMM measured in the same run and the data-sheet peak.
 compare_<config>.json (benchmarks/compare_reference.py --json) adds the end-to-end table against facebookresearch/jepa:
 both sides' clips/s, ours/reference ratios like for like (truncated) and packed, peak memory, packed MFU, the eval
 forward and the first-step loss cross-check, beside the issue's targets (>= 2x clips/s at <= 0.7x peak memory like for
-like; packed MFU >= 45% on ViT-H/16-384).
+like; packed MFU >= 45% on ViT-H/16-384). profile.json (profile_step.py) adds where the step's time goes, and
+memory_fit.json (memory_fit.py) which batches fit a capped allocator.
 """
 
 from __future__ import annotations
@@ -47,22 +48,39 @@ ATTENTION_VS_SDPA = {24: 1.0, 32: 1.0, 80: 0.9}
 ATTENTION_VS_PADDED = 1.3
 
 
+# ops of the rows that are no pytest-benchmark result: each has its own table
+SCRIPT_OPS = ("compare_reference", "profile", "memory_fit")
+
+
+def _script_row(op: str, case: str, device: str, path: str, **fields: Any) -> dict[str, Any]:
+    return {"op": op, "case": case, "direction": "step", "provider": "ours", "device": device,
+            "interpreted": device_kind(device) == "cpu", "source": path, **fields}
+
+
 def rows(paths: list[str]) -> list[dict[str, Any]]:
-    """One row per benchmark of pytest-benchmark files, and one per benchmarks/compare_reference.py file (op
-    "compare_reference", its whole JSON under "compare")."""
+    """One row per benchmark of pytest-benchmark files; one per benchmarks/compare_reference.py file (op
+    "compare_reference", its whole JSON under "compare"); one per config of a profile_step.py file (op "profile")
+    and one per case of a memory_fit.py file (op "memory_fit"). A CPU run of a script counts as interpreted."""
     out = []
-    for path in paths:
+    for path in map(str, paths):
         data = json.load(open(path))
         if "benchmarks" in data:
             for b in data["benchmarks"]:
-                out.append({**b["extra_info"], "median_s": b["stats"]["median"], "source": str(path)})
+                out.append({**b["extra_info"], "median_s": b["stats"]["median"], "source": path})
         elif "train" in data and "ratios" in data:
-            out.append({"op": "compare_reference", "case": Path(data["config"]).stem, "direction": "step",
-                        "provider": "ours-vs-reference", "device": data["device_name"],
-                        "interpreted": data["device"] == "cpu", "versions": data.get("versions"), "compare": data,
-                        "source": str(path)})
+            out.append(_script_row("compare_reference", Path(data["config"]).stem, data["device_name"], path,
+                                   versions=data.get("versions"), compare=data))
+        elif "results" in data and "device" in data:
+            out += [_script_row("profile", r["name"], data["device"], path, versions=data.get("versions"), profile=r)
+                    for r in data["results"]]
+        elif "runs" in data:
+            out += [_script_row("memory_fit", f"{Path(run['config']).stem}-b{c['batch']}-ckpt{c['checkpointing']}",
+                                run["device"], path, versions=data.get("versions"), fit=c,
+                                run={k: run[k] for k in ("config", "cap_gib", "device_gib")})
+                    for run in data["runs"] for c in run["cases"]]
         else:
-            raise SystemExit(f"{path}: neither pytest-benchmark JSON nor benchmarks/compare_reference.py --json")
+            raise SystemExit(f"{path}: neither pytest-benchmark JSON nor the --json of benchmarks/compare_reference.py"
+                             ", profile_step.py or memory_fit.py")
     return out
 
 
@@ -79,8 +97,8 @@ def _rate(r: dict[str, Any], key: str) -> str:
 
 def main(paths: list[str]) -> None:
     rows_ = rows(paths)
-    compared = [r for r in rows_ if r["op"] == "compare_reference"]
-    rows_ = [r for r in rows_ if r["op"] != "compare_reference"]
+    scripts = [r for r in rows_ if r["op"] in SCRIPT_OPS]
+    rows_ = [r for r in rows_ if r["op"] not in SCRIPT_OPS]
     if rows_:
         print(f"{'op':15s} {'case':36s} {'dir':8s} {'provider':15s} {'median us':>11s} {'GB/s':>8s} "
               f"{'TFLOP/s':>8s}  vs")
@@ -88,9 +106,8 @@ def main(paths: list[str]) -> None:
         for name, r in providers.items():
             print(f"{op:15s} {case:36s} {direction:8s} {name:15s} {r['median_s'] * 1e6:11.1f} {_rate(r, 'gbps')} "
                   f"{_rate(r, 'tflops' if 'tflops' in r else 'model_tflops')}  {_verdict(op, name, r, providers)}")
-    if compared:
-        print("\nagainst facebookresearch/jepa (benchmarks/compare_reference.py):")
-        print("\n".join(_comparison_table(compared)))
+    for title, table in _script_tables(scripts):
+        print(f"\n{title}\n" + "\n".join(table))
 
 
 def _attention_verdict(r: dict[str, Any], providers: dict[str, dict[str, Any]]) -> str:
@@ -282,6 +299,54 @@ def _comparison_table(rows_: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _profile_table(rows_: list[dict[str, Any]]) -> list[str]:
+    lines = ["| config | batch | ms/step | clips/s | model TFLOP/s | MFU (data sheet) | device busy | idle gaps ms/step | "
+             "gaps > 20 us per step | top kernels (share of busy time) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows_:
+        p = r["profile"]
+        if "error" in p:
+            lines.append(f"| {r['case']} | {'out of memory' if p.get('out_of_memory') else 'failed: ' + p['error']} "
+                         "| | | | | | | | |")
+            continue
+        g = p.get("gpu") or {}
+        top = ", ".join(f"{k['name'][:48]} {k['share_of_busy']:.0%}" for k in p["top_kernels"][:3]) or "-"
+        lines.append(f"| {r['case']} | {p['batch']} | {p['step_ms']:.1f} | {p['samples_per_s']:.1f} | "
+                     f"{p['model_tflops']:.1f} | {_pct(p.get('mfu_datasheet'))} | {_pct(g.get('busy_fraction'))} | "
+                     f"{_num(g.get('idle_gap_ms_per_step'), '.2f')} | {_num(g.get('gaps_over_20us_per_step'), '.0f')} | "
+                     f"{top} |")
+    return lines
+
+
+def _memory_fit_table(rows_: list[dict[str, Any]]) -> list[str]:
+    lines = ["| config | allocator cap GiB | batch | checkpointing | fits | peak allocated GiB | peak reserved GiB | "
+             "dry-run estimate GiB | ms/step |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows_:
+        c, run = r["fit"], r["run"]
+        cap = run["cap_gib"] if run["cap_gib"] is not None else _num(run["device_gib"])
+        lines.append(f"| {Path(run['config']).stem} | {cap} | {c['batch']} | {c['checkpointing']} | "
+                     f"{'yes' if c['status'] == 'ok' else 'no (out of memory)'} | "
+                     f"{_num(c['peak_allocated_gib'], '.2f')} | {_num(c['peak_reserved_gib'], '.2f')} | "
+                     f"{_num(c['estimate_gib'], '.2f')} | {_num(c['ms_per_step'], '.0f')} |")
+    return lines
+
+
+def _script_tables(rows_: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """(title, markdown table) of each script's rows present: the reference comparison, the profile, memory fit."""
+    tables = []
+    for op, title, table in (
+            ("compare_reference", "Against facebookresearch/jepa on the same GPU (benchmarks/compare_reference.py: "
+             "same config, batch, dtype, clips and initial weights; ours truncated runs the reference collator's own "
+             "masks, ours packed keeps every context token; x ref = ours / reference):", _comparison_table),
+            ("profile", "Where a step's time goes (benchmarks/profile_step.py: device-busy fraction of the step's "
+             "span, idle gaps between device activities, the top kernels):", _profile_table),
+            ("memory_fit", "What fits (benchmarks/memory_fit.py: real training steps on the masks of the sampler's "
+             "largest step, the CUDA allocator capped at the given GiB):", _memory_fit_table)):
+        selected = [r for r in rows_ if r["op"] == op]
+        if selected:
+            tables.append((title, table(selected)))
+    return tables
+
+
 def _env(folder: Path) -> dict[str, Any]:
     try:
         return json.loads((folder / "env.json").read_text())
@@ -323,12 +388,8 @@ def device_section(rows_: list[dict[str, Any]], kind: str) -> str:
     if gemm:
         gemms = ", ".join(f"{r['case']} {r['dtype']} {r['tflops']:.3g} TFLOP/s" for r in gemm)
         lines += [f"Bare GEMM of the same run (the measured peak of the MFU column): {gemms}.", ""]
-    compared = [r for r in rows_ if r["op"] == "compare_reference"]
-    if compared:
-        lines += ["Against facebookresearch/jepa on the same GPU (benchmarks/compare_reference.py: same config, "
-                  "batch, dtype, clips and initial weights; ours truncated runs the reference collator's own masks, "
-                  "ours packed keeps every context token; x ref = ours / reference):", "",
-                  *_comparison_table(compared), ""]
+    for title, table in _script_tables(rows_):
+        lines += [title, "", *table, ""]
     loader = [r for r in rows_ if r["op"] == "loader"]
     if loader:
         lines += ["Data loader (frames/s the step receives; decoded counts the frames decoded to reach them):", "",
@@ -376,7 +437,8 @@ def update_readme(readme: Path, paths: list[str], results_root: Path = ROOT / "b
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", metavar="JSON",
-                        help="pytest-benchmark JSON files and/or benchmarks/compare_reference.py --json files")
+                        help="pytest-benchmark JSON files and/or the --json files of compare_reference.py, "
+                             "profile_step.py, memory_fit.py")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--markdown", action="store_true", help="print the README's tables")
     mode.add_argument("--update-readme", action="store_true", help="rewrite this device's tables in the README")

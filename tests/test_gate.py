@@ -198,7 +198,7 @@ def test_markdown_has_the_comparison_with_the_reference_and_its_targets(tmp_path
     assert "| OOM | - |" in row and row.endswith("(cut short) |")
     report.main([_comparison(tmp_path / "c", config="configs/vitl16.json")])
     out = capsys.readouterr().out
-    assert "against facebookresearch/jepa" in out and "| vitl16 |" in out and "MFU" not in out.splitlines()[-1]
+    assert "Against facebookresearch/jepa" in out and "| vitl16 |" in out and "MFU" not in out.splitlines()[-1]
 
 
 def test_update_readme_takes_comparisons_and_refuses_cpu_ones(tmp_path):
@@ -213,7 +213,31 @@ def test_update_readme_takes_comparisons_and_refuses_cpu_ones(tmp_path):
 
 
 def test_report_names_a_file_it_cannot_read(tmp_path):
-    other = tmp_path / "memory_fit.json"
-    other.write_text(json.dumps({"runs": []}))
-    with pytest.raises(SystemExit, match="memory_fit.json: neither pytest-benchmark JSON nor"):
+    other = tmp_path / "aot.json"
+    other.write_text(json.dumps({"configs": []}))
+    with pytest.raises(SystemExit, match="aot.json: neither pytest-benchmark JSON nor"):
         report.rows([str(other)])
+
+
+def test_markdown_has_the_profile_and_memory_fit_tables(tmp_path):
+    folder = tmp_path / "2026-11-21_h100"
+    folder.mkdir()
+    profile = {"step_ms": 500.0, "samples_per_s": 20.0, "model_tflops": 400.0, "mfu_datasheet": 0.404, "batch": 10,
+               "gpu": {"busy_fraction": 0.93, "idle_gap_ms_per_step": 12.5, "gaps_over_20us_per_step": 40.0},
+               "top_kernels": [{"name": "sm90_xmma_gemm_bf16", "share_of_busy": 0.61},
+                               {"name": "_attn_fwd", "share_of_busy": 0.2}]}
+    (folder / "profile.json").write_text(json.dumps({"device": H100, "versions": {}, "complete": True, "results": [
+        {"name": "vith16_384-packed", **profile},
+        {"name": "vitl16-packed", "error": "OutOfMemoryError: x", "out_of_memory": True}]}))
+    case = {"batch": 16, "checkpointing": 1, "status": "ok", "error": None, "ms_per_step": 812.4, "estimate_gib": 20.1,
+            "peak_allocated_gib": 19.5, "peak_reserved_gib": 21.0}
+    (folder / "memory_fit.json").write_text(json.dumps({"versions": {}, "runs": [
+        {"config": "configs/vitl16.json", "overrides": [], "cap_gib": 24.0, "device_gib": 79.1, "device": H100,
+         "steps": 3, "cases": [case, {**case, "batch": 24, "status": "oom", "ms_per_step": None}]}]}))
+    table = report.markdown(report.rows([str(folder / "profile.json"), str(folder / "memory_fit.json")]))
+    assert "### h100" in table
+    assert ("| vith16_384-packed | 10 | 500.0 | 20.0 | 400.0 | 40% | 93% | 12.50 | 40 | sm90_xmma_gemm_bf16 61%, "
+            "_attn_fwd 20% |") in table
+    assert "| vitl16-packed | out of memory |" in table
+    assert "| vitl16 | 24.0 | 16 | 1 | yes | 19.50 | 21.00 | 20.10 | 812 |" in table
+    assert "| vitl16 | 24.0 | 24 | 1 | no (out of memory) |" in table

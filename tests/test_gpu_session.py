@@ -74,7 +74,7 @@ def test_compare_reference_step_writes_its_json(tmp_path):
     assert result["complete"] is True and result["failed"] == []
     log = (tmp_path / "session.log").read_text()
     assert "== compare_reference: ok" in log
-    assert "against facebookresearch/jepa" in log and "| tiny_synthetic |" in log  # the summary's table
+    assert "Against facebookresearch/jepa" in log and "| tiny_synthetic |" in log  # the summary's table
 
 
 def test_profile_step_writes_its_summary(tmp_path):
