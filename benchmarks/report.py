@@ -252,6 +252,11 @@ VS_REFERENCE_MEMORY = 0.7
 PACKED_MFU = {"vith16_384": 0.45}
 
 
+def _head(*columns: str) -> list[str]:
+    """A markdown table's header and separator lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _measured(run: dict[str, Any] | None, key: str, fmt: str) -> str:
     """A run's figure, or why it has none (out of memory, failed, not run: a session cut short)."""
     if run is None:
@@ -278,10 +283,9 @@ def _comparison_table(rows_: list[dict[str, Any]]) -> list[str]:
     """One line per config: the reference's clips/s (without and with its per-step loggers), ours like for like
     (truncated: the same tokens) and packed (every context token), their ratios, the eval forward and the first-step
     loss cross-check."""
-    lines = ["| config | batch | dtype | reference clips/s | ref + loggers | ours truncated clips/s | x ref | "
-             "peak mem ours/ref | ours packed clips/s | x ref | tokens/s x ref | packed MFU (data sheet) | "
-             "eval forward x ref | loss@1 diff | targets |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = _head("config", "batch", "dtype", "reference clips/s", "ref + loggers", "ours truncated clips/s", "x ref",
+                  "peak mem ours/ref", "ours packed clips/s", "x ref", "tokens/s x ref", "packed MFU (data sheet)",
+                  "eval forward x ref", "loss@1 diff", "targets")
     for r in rows_:
         c = r["compare"]
         t, ratios = c["train"], c["ratios"]
@@ -300,13 +304,13 @@ def _comparison_table(rows_: list[dict[str, Any]]) -> list[str]:
 
 
 def _profile_table(rows_: list[dict[str, Any]]) -> list[str]:
-    lines = ["| config | batch | ms/step | clips/s | model TFLOP/s | MFU (data sheet) | device busy | idle gaps ms/step | "
-             "gaps > 20 us per step | top kernels (share of busy time) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = _head("config", "batch", "ms/step", "clips/s", "model TFLOP/s", "MFU (data sheet)", "device busy",
+                  "idle gaps ms/step", "gaps > 20 us per step", "top kernels (share of busy time)")
     for r in rows_:
         p = r["profile"]
         if "error" in p:
-            lines.append(f"| {r['case']} | {'out of memory' if p.get('out_of_memory') else 'failed: ' + p['error']} "
-                         "| | | | | | | | |")
+            lines.append(f"| {r['case']} | {'out of memory' if p.get('out_of_memory') else 'failed: ' + p['error']} |"
+                         + " |" * (len(lines[0].split("|")) - 4))
             continue
         g = p.get("gpu") or {}
         top = ", ".join(f"{k['name'][:48]} {k['share_of_busy']:.0%}" for k in p["top_kernels"][:3]) or "-"
@@ -318,8 +322,8 @@ def _profile_table(rows_: list[dict[str, Any]]) -> list[str]:
 
 
 def _memory_fit_table(rows_: list[dict[str, Any]]) -> list[str]:
-    lines = ["| config | allocator cap GiB | batch | checkpointing | fits | peak allocated GiB | peak reserved GiB | "
-             "dry-run estimate GiB | ms/step |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = _head("config", "allocator cap GiB", "batch", "checkpointing", "fits", "peak allocated GiB",
+                  "peak reserved GiB", "dry-run estimate GiB", "ms/step")
     for r in rows_:
         c, run = r["fit"], r["run"]
         cap = run["cap_gib"] if run["cap_gib"] is not None else _num(run["device_gib"])

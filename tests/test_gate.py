@@ -241,3 +241,22 @@ def test_markdown_has_the_profile_and_memory_fit_tables(tmp_path):
     assert "| vitl16-packed | out of memory |" in table
     assert "| vitl16 | 24.0 | 16 | 1 | yes | 19.50 | 21.00 | 20.10 | 812 |" in table
     assert "| vitl16 | 24.0 | 24 | 1 | no (out of memory) |" in table
+
+
+def test_every_row_of_a_generated_table_has_its_headers_cell_count(tmp_path):
+    folder = tmp_path / "2026-11-21_h100"
+    paths = [*_results(folder), _comparison(folder), _comparison(folder, packed_oom=True, complete=False,
+                                                                 config="configs/vitl16.json")]
+    (folder / "profile.json").write_text(json.dumps({"device": H100, "versions": {}, "results": [
+        {"name": "vitl16-packed", "error": "RuntimeError: boom", "out_of_memory": False}]}))
+    table = report.markdown(report.rows([*paths, str(folder / "profile.json")]))
+    tables, current = [], []
+    for line in [*table.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(line.count("|"))
+        elif current:
+            tables.append(current)
+            current = []
+    assert len(tables) >= 4
+    for counts in tables:
+        assert len(set(counts)) == 1, counts
