@@ -27,7 +27,7 @@ class PredictorLayout:
 
     order: torch.Tensor  # (Tc+Tt,) int64: packed input = cat([context rows, target rows])[order]
     target_rows: torch.Tensor  # (Tt,) int64: rows of the packed input holding targets, in target-set order
-    target_generator: torch.Tensor  # (Tt,) int64: mask token of each target row (its generator)
+    target_counts: tuple[int, ...]  # target rows of each generator (host ints): they come generator by generator
     packing: Packing  # sequence s = g*B + b of length context_s + target_s
 
     @classmethod
@@ -45,18 +45,18 @@ class PredictorLayout:
                          total_ctx + np.arange(tgt_start[s], tgt_start[s] + tgt[s]))
         ])
         target_rows = np.concatenate([seq_start[s] + ctx[s] + np.arange(tgt[s]) for s in range(ctx.size)])
-        generator = np.repeat(np.arange(ctx.size) // batch_size, tgt)
-        return cls(torch.from_numpy(order), torch.from_numpy(target_rows), torch.from_numpy(generator),
+        counts = tuple(int(n) for n in tgt.reshape(-1, batch_size).sum(1))  # sequence s = g * B + b
+        return cls(torch.from_numpy(order), torch.from_numpy(target_rows), counts,
                    Packing.from_seqlens((ctx + tgt).tolist()))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PredictorLayout:
-        return PredictorLayout(*(t.to(device, non_blocking=non_blocking) for t in
-                                 (self.order, self.target_rows, self.target_generator)),
+        return PredictorLayout(self.order.to(device, non_blocking=non_blocking),
+                               self.target_rows.to(device, non_blocking=non_blocking), self.target_counts,
                                self.packing.to(device, non_blocking))
 
     def pin_memory(self) -> PredictorLayout:
-        return PredictorLayout(self.order.pin_memory(), self.target_rows.pin_memory(),
-                               self.target_generator.pin_memory(), self.packing.pin_memory())
+        return PredictorLayout(self.order.pin_memory(), self.target_rows.pin_memory(), self.target_counts,
+                               self.packing.pin_memory())
 
 
 class Predictor(nn.Module):
@@ -87,8 +87,12 @@ class Predictor(nn.Module):
         pos = self.predictor_pos_embed[0]
         x = self.predictor_embed(z)
         x = (x + pos.index_select(0, context_index % self.num_tokens)).to(x.dtype)  # in-place add in the reference
-        tokens = torch.cat(list(self.mask_tokens)).view(-1, self.pred_dim)
-        t = tokens.index_select(0, layout.target_generator) + pos.index_select(0, target_index % self.num_tokens)
+        # each generator's mask token added to its target rows' positions by broadcasting: the token's gradient is
+        # then a sum over its rows in a fixed order, where a gather's backward (index_add: atomic adds on CUDA) would
+        # add tens of thousands of rows into each token in any order, a different result every run
+        pos_t = pos.index_select(0, target_index % self.num_tokens)
+        t = torch.cat([rows + token.view(1, -1) for rows, token in
+                       zip(pos_t.split(list(layout.target_counts)), self.mask_tokens)])
         # cat type-promotes (bf16 context, fp32 mask tokens under autocast): the residual stream is fp32, as the ref
         x = torch.cat([x, t]).index_select(0, layout.order)
         x = run_blocks(self.predictor_blocks, x, layout.packing, self.checkpoint_every)

@@ -16,6 +16,7 @@ import torch
 from engine.loop import train
 
 from .conftest import PYTHONPATH, ROOT
+from .test_resume import assert_same_checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 GPU = ("--meta.dtype=bfloat16", "--data.num_workers=1", "--data.pin_mem=true", "--logging.log_every=1",
@@ -37,10 +38,24 @@ def test_training_runs_the_compiled_kernels_and_resumes(tiny_config, tmp_path, c
     train(tiny_config(*GPU, "--meta.max_steps=3", f"--logging.folder={tmp_path}/b"))
     rest = train(tiny_config(*GPU, "--meta.max_steps=6", f"--logging.folder={tmp_path}/b"))
     assert rest["start_step"] == 3
-    # the same weights, optimizer state and batches: equal up to summation order (our kernels' backward passes
-    # use no atomics, but the backward of PyTorch's gathers and indexing adds atomically on CUDA)
+    # the same weights, optimizer state and batches: equal up to summation order (the default attention may run an
+    # SDPA or cuDNN backward that adds atomically; the next test pins the Triton one and expects ==)
     for step in (4, 5, 6):
         assert rest["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-2)
+
+
+def test_resume_is_bit_exact_with_the_triton_attention(tiny_config, tmp_path):
+    """With the Triton attention every sum of the step runs in a fixed order: our kernels use no atomics, every gather
+    of the packing writes each gradient row once (tests/test_models.py), and cuBLAS repeats its results on one GPU.
+    So 3 + 3 steps must equal 6 straight bit for bit, as on the CPU (the default attention may pick an SDPA or cuDNN
+    kernel whose backward adds atomically). A failure names the first differing tensors."""
+    fixed = (*GPU, "--model.attention=triton")
+    straight = train(tiny_config(*fixed, "--meta.max_steps=6", f"--logging.folder={tmp_path}/a"))
+    train(tiny_config(*fixed, "--meta.max_steps=3", f"--logging.folder={tmp_path}/b"))
+    rest = train(tiny_config(*fixed, "--meta.max_steps=6", f"--logging.folder={tmp_path}/b"))
+    assert rest["start_step"] == 3
+    assert {s: straight["losses"][s] for s in (4, 5, 6)} == rest["losses"]
+    assert_same_checkpoint(tmp_path / "a", tmp_path / "b")
 
 
 def test_float16_autocast_trains_with_loss_scaling_and_resumes(tiny_config, tmp_path):

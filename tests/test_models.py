@@ -186,7 +186,47 @@ def test_packed_predictor_equals_per_sequence_dense():
         ref.append(_reference_predictor_sequence(pred, z[start:start + len(c)], torch.from_numpy(c % n),
                                                  torch.from_numpy(t % n), s // b))
         start += len(c)
-    torch.testing.assert_close(out, torch.cat(ref), atol=1e-5, rtol=1e-5)
+    ref = torch.cat(ref)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(out)
+    params = [*pred.mask_tokens, pred.predictor_embed.weight]
+    for grad, grad_ref in zip(torch.autograd.grad(out, params, upstream), torch.autograd.grad(ref, params, upstream)):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-5)
+
+
+class _IndexAdds(TorchDispatchMode):
+    """The index tensors of every index_add (a gather's backward) a pass runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.indices: list[torch.Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name.split("::")[-1] in ("index_add", "index_add_"):
+            self.indices.append(args[2].clone())
+        return func(*args, **(kwargs or {}))
+
+
+def test_predictor_backward_adds_no_row_twice():
+    """On CUDA an index_add adds atomically in any order: with repeated indices (a mask token gathered into every
+    target row of its generator) the sum changes from run to run. Every gather's backward in the predictor must write
+    each row at most once (then the order cannot matter); the mask tokens' gradient is a broadcast's fixed-order sum."""
+    torch.manual_seed(0)
+    pred = Predictor(24, (2, 3, 3), pred_dim=16, depth=1, num_heads=2, num_mask_tokens=2)
+    ctx_lens, tgt_lens = [3, 5, 2, 7], [15, 13, 16, 11]  # generator 0: clips 0, 1; generator 1: clips 0, 1
+    layout = PredictorLayout.build(ctx_lens, tgt_lens, batch_size=2)
+    assert layout.target_counts == (28, 27)
+    ctx_index = torch.randint(0, 36, (sum(ctx_lens),))
+    tgt_index = torch.randint(0, 36, (sum(tgt_lens),))
+    z = torch.randn(sum(ctx_lens), 24, requires_grad=True)
+    out = pred(z, ctx_index, tgt_index, layout)
+    audit = _IndexAdds()
+    with audit:
+        out.square().sum().backward()
+    assert audit.indices, "the packing's gathers have a backward"
+    for index in audit.indices:
+        assert index.unique().numel() == index.numel(), index
+    assert all(token.grad is not None and token.grad.abs().sum() > 0 for token in pred.mask_tokens)
 
 
 def test_predictor_layout_by_hand():
@@ -194,7 +234,7 @@ def test_predictor_layout_by_hand():
     layout = PredictorLayout.build([2, 1], [1, 3], batch_size=1)
     assert layout.order.tolist() == [0, 1, 3, 2, 4, 5, 6]  # cat([c0 c1 c2, t0 t1 t2 t3]) rows
     assert layout.target_rows.tolist() == [2, 4, 5, 6]
-    assert layout.target_generator.tolist() == [0, 1, 1, 1]
+    assert layout.target_counts == (1, 3)  # target rows of generator 0 (one clip per generator), of 1
     assert layout.packing.seqlens == (3, 4)
 
 
