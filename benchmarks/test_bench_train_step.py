@@ -121,9 +121,9 @@ def _backend(models: Models, cfg: Config) -> Backend:
     pytest.importorskip("deepspeed", reason="the DeepSpeed backend's cases need deepspeed (pip install -e "
                         "'.[deepspeed]'; on the device machine, the wheels of ../shared/tools/gpu_wheels.sh)")
     if not CUDA:  # DeepSpeed JIT-builds a CPU shared-memory all-reduce op (~50 s) at init; one rank never uses it
-        import deepspeed.comm.torch
+        from tests.deepspeed_cpu import skip_shm_op
 
-        deepspeed.comm.torch.build_shm_op = lambda: None
+        skip_shm_op()
     init_distributed(True, DEVICE)
     return DeepSpeedBackend(models.encoder, models.predictor, cfg, models.target_encoder)
 

@@ -29,6 +29,7 @@ from engine.packed_masks import StepMasks
 from engine.step import Models, forward_loss
 
 from .conftest import PYTHONPATH, ROOT
+from .deepspeed_cpu import RANK_PRELUDE
 
 WORLD = 2
 CLIPS = (None, 1e-4, 1e-4)  # step 0 before warmup ends (no clipping), then both networks clipped (norms ~1e-3, ~0.5)
@@ -73,10 +74,9 @@ CASES = {  # name: (deepspeed section, gradient accumulation steps)
 EXTRA = {"stage3_checkpointing": ["--model.activation_checkpointing=1"]}  # per-case config overrides
 FP32_CASES = [name for name, (ds, _) in CASES.items() if not ds.get("bf16", {}).get("enabled")]
 
-_WORKER = """
+_WORKER = RANK_PRELUDE + """
 import json, sys, torch
-import deepspeed, deepspeed.comm.torch as dct
-dct.build_shm_op = lambda: None   # the CPU shm all-reduce op is a ~50 s JIT build; gloo does the all-reduces
+import deepspeed
 from tests.test_deepspeed_engine import run_rank
 deepspeed.init_distributed(dist_backend="gloo")
 run_rank(json.loads(sys.argv[1]), sys.argv[2])

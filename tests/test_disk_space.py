@@ -14,6 +14,7 @@ from engine.dry_run import format_report, dry_run_report, model_shape
 from engine.loop import train
 
 from .conftest import PYTHONPATH, ROOT
+from .deepspeed_cpu import RANK_PRELUDE
 
 STEPS = ["--meta.max_steps=2", "--logging.checkpoint_every=2"]
 Usage = namedtuple("Usage", "total used free")
@@ -33,8 +34,7 @@ def test_the_estimate_matches_a_pytorch_checkpoint(tiny_config, tmp_path):
 
 def test_the_estimate_matches_a_deepspeed_zero2_tag(tiny_config, synthetic_root, tmp_path):
     pytest.importorskip("deepspeed")
-    run = ("import sys, deepspeed.comm.torch as dct\n"
-           "dct.build_shm_op = lambda: None\n"  # a ~50 s JIT build that one rank does not use
+    run = (RANK_PRELUDE + "import sys\n"
            "sys.argv = ['train.py'] + sys.argv[1:]\n"
            "from engine.train import main\n"
            "sys.exit(main())\n")

@@ -15,6 +15,7 @@ from engine.export import export
 from engine.loop import train
 
 from .conftest import PYTHONPATH, ROOT
+from .deepspeed_cpu import RANK_PRELUDE
 
 
 def _rows(folder):
@@ -67,9 +68,8 @@ def test_missing_index_file_is_a_clear_error(tiny_config, tmp_path):
         train(tiny_config(f"--data.datasets=[\"{tmp_path}/nope.csv\"]"))
 
 
-_DEEPSPEED_RUN = """
-import sys, deepspeed.comm.torch as dct
-dct.build_shm_op = lambda: None   # the CPU shm all-reduce op is a ~50 s JIT build, irrelevant for one rank
+_DEEPSPEED_RUN = RANK_PRELUDE + """
+import sys
 sys.argv = ["train.py"] + sys.argv[1:]
 from engine.train import main
 sys.exit(main())
