@@ -12,7 +12,8 @@ pass, so backward is one pass that scales each row by its segment's weight times
 That product is formed in fp32 in backward, not folded into the stored derivative: a row's weight
 1 / (segments * rows * D * p) is ~1e-8 at paper scale (ViT-H/384, batch 10: ~3e4 target rows per generator x 1280),
 which fp16 rounds to 0 and which a loss scale (GradScaler's 65536, itself inf in fp16) only rescues if it multiplies
-before the rounding; the stored derivative (sign(d) for p = 1) is exact in any dtype.
+before the rounding. The stored derivative is sign(d) for p = 1, exact in pred's dtype; other exponents store it in
+fp32 (a 16-bit copy would round it, then the scaled product again), so pred's gradient is rounded once either way.
 The target gets no gradient: in V-JEPA it is the EMA encoder's output, computed without autograd.
 """
 
@@ -27,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
+from .offsets import row_starts
 
 LN_EPS = 1e-5
 
@@ -66,7 +68,8 @@ def _row_weight(rows, SEG_END, SEG_SCALE, NUM_SEGMENTS: tl.constexpr, BLOCK_R: t
     return weight
 
 
-@triton.jit
+# the token count T changes every step: not specialised (a multiple of 16 or not would compile a second variant)
+@triton.jit(do_not_specialize=["T"])
 def _l1_loss_kernel(
     PRED, TARGET, INDEX, GRAD, PARTIAL, SEG_END, SEG_SCALE,
     T, D, loss_exp, eps,
@@ -93,7 +96,7 @@ def _l1_loss_kernel(
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
-    diff = tl.load(PRED + rows[:, None] * s_pred + cols[None, :], mask=mask, other=0.0).to(tl.float32) \
+    diff = tl.load(PRED + row_starts(rows, s_pred)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32) \
         - xc * rstd[:, None]
 
     weight = _row_weight(rows, SEG_END, SEG_SCALE, NUM_SEGMENTS, BLOCK_R)
@@ -108,10 +111,11 @@ def _l1_loss_kernel(
         grad = tl.where(mag > 0, loss_exp * tl.exp2((loss_exp - 1.0) * tl.log2(safe)), 0.0) * sign
     tl.store(PARTIAL + pid, tl.sum(tl.sum(tl.where(mask, err, 0.0), axis=1) * weight, axis=0))
     if WRITE_GRAD:
-        tl.store(GRAD + rows[:, None] * s_grad + cols[None, :], grad.to(GRAD.dtype.element_ty), mask=mask)
+        tl.store(GRAD + row_starts(rows, s_grad)[:, None] + cols[None, :], grad.to(GRAD.dtype.element_ty),
+                 mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _scale_rows_kernel(
     GRAD, OUT, SEG_END, SEG_SCALE, GRAD_LOSS,
     T, D,
@@ -125,8 +129,9 @@ def _scale_rows_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < T)[:, None] & (cols < D)[None, :]
     scale = _row_weight(rows, SEG_END, SEG_SCALE, NUM_SEGMENTS, BLOCK_R) * tl.load(GRAD_LOSS).to(tl.float32)
-    g = tl.load(GRAD + rows[:, None] * s_grad + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + rows[:, None] * s_out + cols[None, :], (g * scale[:, None]).to(OUT.dtype.element_ty), mask=mask)
+    g = tl.load(GRAD + row_starts(rows, s_grad)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + row_starts(rows, s_out)[:, None] + cols[None, :], (g * scale[:, None]).to(OUT.dtype.element_ty),
+             mask=mask)
 
 
 INTERPRET_ROWS = 4  # rows per program under the interpreter: small tests still span several programs
@@ -160,7 +165,9 @@ def _loss_forward(pred: torch.Tensor, target: torch.Tensor, token_index: torch.T
     block_r = _block_rows(block_d)
     programs = triton.cdiv(t, block_r)
     partial = torch.empty(programs, device=pred.device, dtype=torch.float32)
-    grad = torch.empty_like(pred) if write_grad else None
+    # |d|^(p-1) p sign(d) is exactly +-1 or 0 for p = 1 (pred's dtype holds it); other exponents keep it in fp32 until
+    # the backward's row scale rounds once to pred's dtype
+    grad = torch.empty_like(pred, dtype=pred.dtype if loss_exp == 1.0 else torch.float32) if write_grad else None
     dispatch.count("masked_l1_loss")
     _l1_loss_kernel[(programs,)](
         pred, target, token_index, grad if grad is not None else pred, partial, seg_end, seg_scale,
@@ -171,10 +178,10 @@ def _loss_forward(pred: torch.Tensor, target: torch.Tensor, token_index: torch.T
     return partial.sum(), grad
 
 
-def _scale_rows(grad: torch.Tensor, seg_end: torch.Tensor, seg_scale: torch.Tensor,
-                grad_loss: torch.Tensor) -> torch.Tensor:
+def _scale_rows(grad: torch.Tensor, seg_end: torch.Tensor, seg_scale: torch.Tensor, grad_loss: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
     t, d = grad.shape
-    out = torch.empty_like(grad)
+    out = torch.empty_like(grad, dtype=dtype)
     block_d = triton.next_power_of_2(d)
     block_r = _block_rows(block_d)
     _scale_rows_kernel[(triton.cdiv(t, block_r),)](
@@ -189,12 +196,13 @@ class _MaskedL1Loss(torch.autograd.Function):
         seg_end, seg_scale = _segment_tables(segments, pred.shape[1], loss_exp, pred.device)
         loss, grad = _loss_forward(pred, target, token_index, loss_exp, seg_end, seg_scale, ctx.needs_input_grad[0])
         ctx.save_for_backward(grad, seg_end, seg_scale)
+        ctx.pred_dtype = pred.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad, seg_end, seg_scale = ctx.saved_tensors
-        return _scale_rows(grad, seg_end, seg_scale, grad_loss), None, None, None, None
+        return _scale_rows(grad, seg_end, seg_scale, grad_loss, ctx.pred_dtype), None, None, None, None
 
 
 def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, token_index: torch.Tensor, *, loss_exp: float = 1.0,

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
+from .offsets import row_starts
 
 
 def _patch_coords(token_index: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
@@ -79,7 +80,8 @@ def _col_offsets(ks, s_vc, s_vf, s_vh, s_vw, TUB: tl.constexpr, PATCH: tl.conste
     return c * s_vc + (r // (PATCH * PATCH)) * s_vf + ((r // PATCH) % PATCH) * s_vh + (r % PATCH) * s_vw
 
 
-@triton.jit
+# the token count T changes every step: not specialised (a multiple of 16 or not would compile a second variant)
+@triton.jit(do_not_specialize=["T"])
 def _embed_fwd_kernel(
     VIDEO, W, BIAS, POS, INDEX, OUT,
     T, D, K, N, GH, GW,
@@ -113,11 +115,11 @@ def _embed_fwd_kernel(
     if HAS_POS:
         pos = tl.load(POS + n[:, None] * s_pn + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += pos.to(tl.float32)
-    tl.store(OUT + rows[:, None] * s_out + cols[None, :], acc.to(OUT.dtype.element_ty),
+    tl.store(OUT + row_starts(rows, s_out)[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _embed_dw_kernel(
     DY, VIDEO, INDEX, DW, DB,
     T, D, K, N, GH, GW, rows_per_split,
@@ -151,7 +153,8 @@ def _embed_dw_kernel(
         rows = t0 + tl.arange(0, BLOCK_T)
         row_mask = rows < row_end
         row_off, _ = _row_offsets(INDEX, rows, row_mask, N, GH, GW, s_vb, s_vf, s_vh, s_vw, TUB, PATCH)
-        dy_t = tl.load(DY + rows[None, :] * s_dy + ds[:, None], mask=d_mask[:, None] & row_mask[None, :], other=0.0)
+        dy_t = tl.load(DY + row_starts(rows, s_dy)[None, :] + ds[:, None], mask=d_mask[:, None] & row_mask[None, :],
+                       other=0.0)
         a = tl.load(VIDEO + row_off[:, None] + col_off[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(dy_t, a.to(dy_t.dtype), input_precision=DOT_PRECISION)
         if HAS_BIAS:
