@@ -120,17 +120,20 @@ def l1_loss_specs() -> list[Spec]:
             block_d = triton.next_power_of_2(d)
             block_r = l1_loss._block_rows(block_d)
             for exp_is_one in (True, False):
+                grad = pred if exp_is_one else "fp32"  # the stored derivative (l1_loss._loss_forward)
                 const = dict(NUM_SEGMENTS=2, EXP_IS_ONE=exp_is_one, WRITE_GRAD=True, BLOCK_R=block_r, BLOCK_D=block_d)
-                types = dict(PRED=f"*{pred}", TARGET=f"*{target}", INDEX="*i64", GRAD=f"*{pred}", PARTIAL="*fp32",
+                types = dict(PRED=f"*{pred}", TARGET=f"*{target}", INDEX="*i64", GRAD=f"*{grad}", PARTIAL="*fp32",
                              SEG_END="*i32", SEG_SCALE="*fp32", loss_exp="fp32", eps="fp32")
                 specs.append(_spec(f"l1_loss pred={pred} target={target} D={d} exp_is_one={exp_is_one}",
                                    l1_loss._l1_loss_kernel, args, types, const, l1_loss._num_warps(block_d), 1,
                                    "D, s_pred, s_target, s_grad"))
-            if pred == target:  # the backward's row scale depends on pred's dtype alone
-                types = dict(GRAD=f"*{pred}", OUT=f"*{pred}", SEG_END="*i32", SEG_SCALE="*fp32", GRAD_LOSS="*fp32")
-                specs.append(_spec(f"l1_loss_scale_rows dtype={pred} D={d}", l1_loss._scale_rows_kernel, scale_args,
-                                   types, dict(NUM_SEGMENTS=2, BLOCK_R=block_r, BLOCK_D=block_d),
-                                   l1_loss._num_warps(block_d), 1, "D, s_grad, s_out"))
+                if pred == target:  # the backward's row scale depends on pred's and the derivative's dtypes alone
+                    types = dict(GRAD=f"*{grad}", OUT=f"*{pred}", SEG_END="*i32", SEG_SCALE="*fp32",
+                                 GRAD_LOSS="*fp32")
+                    specs.append(_spec(f"l1_loss_scale_rows dtype={pred} grad={grad} D={d}",
+                                       l1_loss._scale_rows_kernel, scale_args, types,
+                                       dict(NUM_SEGMENTS=2, BLOCK_R=block_r, BLOCK_D=block_d),
+                                       l1_loss._num_warps(block_d), 1, "D, s_grad, s_out"))
     return specs
 
 
@@ -152,15 +155,19 @@ def ema_specs() -> list[Spec]:
 def attention_specs() -> list[Spec]:
     va = _attention
     fwd_args = ("Q, K, V, O, LSE, CU_SEQLENS, scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lt, "
-                "HEAD_DIM, D_A, D_B, DOT_PRECISION, BLOCK_M, BLOCK_N")
+                "HEAD_DIM, D_A, D_B, DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_ALIGN")
     bwd_args = ("Q, K, V, DO, LSE, DELTA, {out}, CU_SEQLENS, scale, scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, "
-                "s_gt, s_gh, s_lt, HEAD_DIM, D_A, D_B, DOT_PRECISION, BLOCK_M, BLOCK_N")
-    div16 = "s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_gt, s_gh"
+                "s_gt, s_gh, s_lt, HEAD_DIM, D_A, D_B, DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_ALIGN")
+    # token strides (3D of the qkv projection, D of the output) are multiples of 16 at every width; head strides are
+    # the head dim, which a launch marks only when it is one too (24 and 88 are not: the kernels' HEAD_ALIGN hint,
+    # varlen_attention.head_align, gives their 8)
+    token_strides, head_strides = "s_qt, s_kt, s_vt, s_ot, s_gt", "s_qh, s_kh, s_vh, s_oh, s_gh"
     specs = []
     for dtype in ("bf16", "fp16"):  # 16-bit only on a GPU (see varlen_attention._check)
         precision = "tf32"
         for head_dim in (24, 32, 64, 80, 88, 128):
             d_a, d_b = va.head_dim_split(head_dim)
+            div16 = token_strides + (", " + head_strides if head_dim % 16 == 0 else "")
             tensors = dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", O=f"*{dtype}", DO=f"*{dtype}",
                            DK=f"*{dtype}", DV=f"*{dtype}", DQ=f"*{dtype}", LSE="*fp32", DELTA="*fp32",
                            CU_SEQLENS="*i32", scale="fp32", scale_log2="fp32")
@@ -169,7 +176,7 @@ def attention_specs() -> list[Spec]:
                     ("attn_bwd_dkdv", va._attn_bwd_dkdv_kernel, bwd_args.format(out="DK, DV"), va.bwd_config(head_dim)),
                     ("attn_bwd_dq", va._attn_bwd_dq_kernel, bwd_args.format(out="DQ"), va.bwd_config(head_dim))):
                 const = dict(HEAD_DIM=head_dim, D_A=d_a, D_B=d_b, DOT_PRECISION=precision, BLOCK_M=cfg.block_m,
-                             BLOCK_N=cfg.block_n)
+                             BLOCK_N=cfg.block_n, HEAD_ALIGN=min(16, head_dim & -head_dim))
                 specs.append(_spec(f"{name} dtype={dtype} head_dim={head_dim}", fn, args, tensors, const,
                                    cfg.num_warps, cfg.num_stages, div16))
     return specs

@@ -69,7 +69,7 @@ def _attn_fwd_kernel(
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lt,
     # Meta-parameters
     HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_ALIGN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     seq = tl.program_id(1)
@@ -78,9 +78,9 @@ def _attn_fwd_kernel(
     seqlen = tl.load(CU_SEQLENS + seq + 1) - start
     if pid_m * BLOCK_M >= seqlen:  # the grid covers the longest sequence; shorter ones leave programs idle
         return
-    Q += start.to(tl.int64) * s_qt + head * s_qh
-    K += start.to(tl.int64) * s_kt + head * s_kh
-    V += start.to(tl.int64) * s_vt + head * s_vh
+    Q += start.to(tl.int64) * s_qt + tl.multiple_of(head * s_qh, HEAD_ALIGN)
+    K += start.to(tl.int64) * s_kt + tl.multiple_of(head * s_kh, HEAD_ALIGN)
+    V += start.to(tl.int64) * s_vt + tl.multiple_of(head * s_vh, HEAD_ALIGN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < seqlen
     dims_a = tl.arange(0, D_A)
@@ -114,7 +114,7 @@ def _attn_fwd_kernel(
             acc_b = acc_b * alpha[:, None] + tl.dot(p.to(v_b.dtype), v_b, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    O += start.to(tl.int64) * s_ot + head * s_oh
+    O += start.to(tl.int64) * s_ot + tl.multiple_of(head * s_oh, HEAD_ALIGN)
     _store_rows(O, acc_a / l_i[:, None], rows, row_mask, s_ot, dims_a, HEAD_DIM)
     if D_B > 0:
         _store_rows(O, acc_b / l_i[:, None], rows, row_mask, s_ot, dims_b, HEAD_DIM)
@@ -129,7 +129,7 @@ def _attn_bwd_dkdv_kernel(
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_gt, s_gh, s_lt,
     # Meta-parameters
     HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_ALIGN: tl.constexpr,
 ):
     """One program per BLOCK_N keys of one (sequence, head), walking the sequence's queries.
 
@@ -144,10 +144,10 @@ def _attn_bwd_dkdv_kernel(
     seqlen = tl.load(CU_SEQLENS + seq + 1) - start
     if pid_n * BLOCK_N >= seqlen:
         return
-    Q += start.to(tl.int64) * s_qt + head * s_qh
-    K += start.to(tl.int64) * s_kt + head * s_kh
-    V += start.to(tl.int64) * s_vt + head * s_vh
-    DO += start.to(tl.int64) * s_gt + head * s_gh
+    Q += start.to(tl.int64) * s_qt + tl.multiple_of(head * s_qh, HEAD_ALIGN)
+    K += start.to(tl.int64) * s_kt + tl.multiple_of(head * s_kh, HEAD_ALIGN)
+    V += start.to(tl.int64) * s_vt + tl.multiple_of(head * s_vh, HEAD_ALIGN)
+    DO += start.to(tl.int64) * s_gt + tl.multiple_of(head * s_gh, HEAD_ALIGN)
     LSE += start.to(tl.int64) * s_lt + head
     DELTA += start.to(tl.int64) * s_lt + head
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -187,8 +187,8 @@ def _attn_bwd_dkdv_kernel(
         if D_B > 0:
             dk_b += tl.dot(ds_t, q_b, input_precision=DOT_PRECISION)
 
-    DK += start.to(tl.int64) * s_gt + head * s_gh
-    DV += start.to(tl.int64) * s_gt + head * s_gh
+    DK += start.to(tl.int64) * s_gt + tl.multiple_of(head * s_gh, HEAD_ALIGN)
+    DV += start.to(tl.int64) * s_gt + tl.multiple_of(head * s_gh, HEAD_ALIGN)
     _store_rows(DK, dk_a * scale, cols, col_mask, s_gt, dims_a, HEAD_DIM)
     _store_rows(DV, dv_a, cols, col_mask, s_gt, dims_a, HEAD_DIM)
     if D_B > 0:
@@ -204,7 +204,7 @@ def _attn_bwd_dq_kernel(
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_gt, s_gh, s_lt,
     # Meta-parameters
     HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_ALIGN: tl.constexpr,
 ):
     """One program per BLOCK_M queries of one (sequence, head): dQ = scale * dS K, dS recomputed as in dK/dV."""
     pid_m = tl.program_id(0)
@@ -214,10 +214,10 @@ def _attn_bwd_dq_kernel(
     seqlen = tl.load(CU_SEQLENS + seq + 1) - start
     if pid_m * BLOCK_M >= seqlen:
         return
-    Q += start.to(tl.int64) * s_qt + head * s_qh
-    K += start.to(tl.int64) * s_kt + head * s_kh
-    V += start.to(tl.int64) * s_vt + head * s_vh
-    DO += start.to(tl.int64) * s_gt + head * s_gh
+    Q += start.to(tl.int64) * s_qt + tl.multiple_of(head * s_qh, HEAD_ALIGN)
+    K += start.to(tl.int64) * s_kt + tl.multiple_of(head * s_kh, HEAD_ALIGN)
+    V += start.to(tl.int64) * s_vt + tl.multiple_of(head * s_vh, HEAD_ALIGN)
+    DO += start.to(tl.int64) * s_gt + tl.multiple_of(head * s_gh, HEAD_ALIGN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < seqlen
     dims_a = tl.arange(0, D_A)
@@ -250,7 +250,7 @@ def _attn_bwd_dq_kernel(
         if D_B > 0:
             dq_b += tl.dot(ds, k_b, input_precision=DOT_PRECISION)
 
-    DQ += start.to(tl.int64) * s_gt + head * s_gh
+    DQ += start.to(tl.int64) * s_gt + tl.multiple_of(head * s_gh, HEAD_ALIGN)
     _store_rows(DQ, dq_a * scale, rows, row_mask, s_gt, dims_a, HEAD_DIM)
     if D_B > 0:
         _store_rows(DQ, dq_b * scale, rows, row_mask, s_gt, dims_b, HEAD_DIM)
@@ -290,6 +290,16 @@ def bwd_config(head_dim: int) -> AttnConfig:
     return AttnConfig(64, 64, 4, 2) if sum(head_dim_split(head_dim)) <= 64 else AttnConfig(64, 64, 8, 2)
 
 
+def head_align(*tensors: torch.Tensor) -> int:
+    """The largest power of two, at most 16, that divides every head stride: the kernels' `tl.multiple_of` hint on a
+    head's offset. Triton marks an integer argument only when it is a multiple of 16, so the head strides of head dims
+    24 and 88 (the V1 predictor's, ViT-g's) arrive unmarked: their rows would then count as unaligned, loaded lane by
+    lane without the asynchronous copies that pipeline the key/value tiles. 8 elements of a 16-bit type are 16 bytes:
+    the full vector width."""
+    strides = math.gcd(*(t.stride(1) for t in tensors))
+    return min(16, strides & -strides) if strides else 16
+
+
 INTERPRET_CONFIG = AttnConfig(16, 16, 1, 1)  # small tiles so that tests' short sequences still span several
 
 
@@ -319,7 +329,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, scale):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0),
         HEAD_DIM=d, D_A=d_a, D_B=d_b, DOT_PRECISION=dispatch.dot_precision(q.dtype), BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, HEAD_ALIGN=head_align(q, k, v, out), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -333,7 +343,8 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
     cfg = bwd_config(d)
     num_seqs = cu_seqlens.numel() - 1
     common = dict(HEAD_DIM=d, D_A=d_a, D_B=d_b, DOT_PRECISION=dispatch.dot_precision(q.dtype),
-                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_ALIGN=head_align(q, k, v, do, dq, dk, dv),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
                do.stride(1), lse.stride(0))
     dispatch.count("varlen_attention_bwd_dkdv")

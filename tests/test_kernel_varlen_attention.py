@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels import dispatch
-from kernels.varlen_attention import head_dim_split, varlen_attention, varlen_attention_ref
+from kernels.varlen_attention import head_align, head_dim_split, varlen_attention, varlen_attention_ref
 
 
 def _cu(lengths):
@@ -111,3 +111,12 @@ def test_bf16_error_within_twice_the_references(heads, head_dim, lengths):
     g_exact = torch.autograd.grad(exact, qkv_exact, grad)[0]
     g_ours, g_theirs = (torch.autograd.grad(o, qkv, grad.to(o.dtype))[0].double() for o in (ours, theirs))
     assert (g_ours - g_exact).abs().max() <= 2 * (g_theirs - g_exact).abs().max()
+
+
+@pytest.mark.parametrize("head_dim,align", [(24, 8), (32, 16), (80, 16), (88, 8), (12, 4), (7, 1)])
+def test_head_offset_hint_divides_every_head_stride(head_dim, align):
+    """The kernels' HEAD_ALIGN (tl.multiple_of on a head's offset) is what the strides of q, k, v as views of the qkv
+    projection guarantee; kernels.aot compiles head dims 24 and 88 with their 8."""
+    qkv = torch.empty(5, 3 * 2 * head_dim)
+    q, k, v = qkv.view(5, 3, 2, head_dim).unbind(1)
+    assert head_align(q, k, v) == align
