@@ -52,6 +52,23 @@ def _adamw(encoder: nn.Module, predictor: nn.Module, cfg: Config) -> torch.optim
                              betas=tuple(o.betas), eps=o.eps, fused=fused or None)
 
 
+def keep_optimizer_implementation(optimizer: torch.optim.Optimizer) -> None:
+    """After loading optimizer state: the implementation this run chose (`fused`, `foreach`, `capturable`, as built)
+    and the step counters where it reads them. torch's `load_state_dict` takes every group setting from the file, so a
+    file written on the CPU (not fused) turns a GPU run's fused AdamW into the per-tensor one that reads its counters on
+    the host; DeepSpeed's universal load copies the groups' settings but leaves each counter a CPU tensor, which the
+    fused kernel refuses at the first step ("Expected all tensors to be on the same device ... state_steps")."""
+    chosen = {key: optimizer.defaults[key] for key in ("fused", "foreach", "capturable") if key in optimizer.defaults}
+    for group in optimizer.param_groups:
+        group.update(chosen)
+        if not (group.get("fused") or group.get("capturable")):
+            continue  # the per-tensor path keeps its counters on the host, as torch's loader leaves them
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step):  # where torch's own loader puts it for these paths: fp32, beside the weights
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+
+
 class Backend:
     """What the step needs from an optimizer backend. A step is `accumulation_steps` micro-batches: `backward` on each
     whose loss is finite on every rank (its gradient is the micro-batch loss's over `accumulation_steps`, summed),
@@ -121,6 +138,10 @@ class TorchBackend(Backend):
         self.optimizer.zero_grad(set_to_none=True)
         return norms
 
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+        keep_optimizer_implementation(self.optimizer)
+
     def state_dict(self) -> dict[str, Any]:
         state = {"encoder": self.encoder.state_dict(), "predictor": self.predictor.state_dict(),
                  "opt": self.optimizer.state_dict()}
@@ -131,7 +152,7 @@ class TorchBackend(Backend):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.encoder.load_state_dict(state["encoder"])
         self.predictor.load_state_dict(state["predictor"])
-        self.optimizer.load_state_dict(state["opt"])
+        self.load_optimizer_state(state["opt"])
         if self.scaler.is_enabled() and state.get("scaler"):  # a run started in bf16 has none: the initial scale
             self.scaler.load_state_dict(state["scaler"])
 
@@ -390,6 +411,7 @@ class DeepSpeedBackend(Backend):
         (engine/ds_checkpoint.py); a ZeRO-3 one resumes only on the world size that wrote it."""
         client_state = self._load_engine(folder)
         if client_state is not None:
+            keep_optimizer_implementation(self.engine.basic_optimizer)
             if self.stage == 3:
                 zero3.load_target_state(target, client_state)
             else:

@@ -201,7 +201,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     elif start is not None:
         state = start
         if not use_ds and isinstance(start.get("opt"), dict):  # the reference's layout is ours: 4 groups, same order
-            backend.optimizer.load_state_dict(start["opt"])
+            backend.load_optimizer_state(start["opt"])
     start_step = 0
     if state is not None:
         # a released or exported file continues at its epoch, as the reference's load_checkpoint does

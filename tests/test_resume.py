@@ -2,6 +2,7 @@
 losses and in every tensor of the final checkpoint (weights, optimizer state, EMA target); checkpoint rotation; an
 unreadable newest checkpoint passed over for the one before it."""
 
+import copy
 import csv
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 
+from engine.backends import keep_optimizer_implementation
 from engine.checkpoint import UnreadableCheckpoint, latest_path, load_checkpoint
 from engine.loop import train
 
@@ -115,3 +117,31 @@ def test_a_full_disk_at_a_save_stops_clearly_and_keeps_the_last_checkpoint(tiny_
         train(tiny_config("--meta.max_steps=8", *STEPS, f"--logging.folder={folder}"))
     assert sorted(p.name for p in folder.glob("jepa-*")) == ["jepa-latest.pth.tar", "jepa-step00000004.pth.tar"]
     assert load_checkpoint(latest_path(folder, "jepa"))["step"] == 4
+
+
+def test_loaded_optimizer_state_keeps_the_runs_implementation():
+    """A file from a run whose AdamW was not fused (a CPU run) loaded into a fused one (a GPU run): torch's loader takes
+    `fused` from the file's groups; the run keeps its own choice, and its step counters are where that path reads
+    them. The fused step then continues the file's optimizer to rounding."""
+    def step(net, opt):
+        net(torch.ones(3, 6)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    torch.manual_seed(0)
+    written = torch.nn.Linear(6, 5)
+    plain = torch.optim.AdamW(written.parameters(), lr=1e-2)
+    step(written, plain)
+    resumed = torch.nn.Linear(6, 5)
+    resumed.load_state_dict(written.state_dict())
+    fused = torch.optim.AdamW(resumed.parameters(), lr=1e-2, fused=True)
+    fused.load_state_dict(copy.deepcopy(plain.state_dict()))  # as read from a file: no tensor shared
+    assert fused.param_groups[0]["fused"] is None  # torch's loader took the file's setting
+    keep_optimizer_implementation(fused)
+    assert fused.param_groups[0]["fused"] is True
+    for p in resumed.parameters():
+        assert fused.state[p]["step"].dtype == torch.float32 and fused.state[p]["step"].device == p.device
+    step(written, plain)
+    step(resumed, fused)
+    for p, q in zip(resumed.parameters(), written.parameters()):
+        torch.testing.assert_close(p, q)
