@@ -91,7 +91,7 @@ class StepGuard:
         """Whether to run this step's backward and optimizer step (the loss is finite on every rank). One host sync
         and, when distributed, one all-reduce of two flags per step. Raises NonFiniteLoss at the limit."""
         flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                             torch.tensor(float(self.stop_requested_at is not None), device=loss.device)])
+                             torch.full((), float(self.stop_requested_at is not None), device=loss.device)])  # no copy
         if self.distributed:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         nonfinite, stop = (bool(v) for v in flags.tolist())

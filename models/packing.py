@@ -14,6 +14,17 @@ from typing import Sequence
 import torch
 
 
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor built during the step (lengths, index orders) on `device` without stalling the host. A blocking
+    copy to a GPU waits for everything queued before it (the previous step's backward, optimizer and EMA) before the
+    host may launch anything more; from pinned memory the copy is queued like a kernel, and PyTorch's caching host
+    allocator keeps the pinned block until the copy has run."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class Packing:
     seqlens: tuple[int, ...]  # host copy of the lengths
@@ -27,7 +38,7 @@ class Packing:
             raise ValueError(f"a packing needs at least one sequence and no empty one, got lengths {lens[:8]}...")
         cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0)
-        return cls(lens, cu.to(device) if device is not None else cu, max(lens))
+        return cls(lens, host_to_device(cu, device) if device is not None else cu, max(lens))
 
     @classmethod
     def uniform(cls, num_seqs: int, seqlen: int, device: torch.device | str | None = None) -> Packing:
@@ -53,8 +64,7 @@ class Packing:
 
         `x.index_select(0, order)` lays the groups end to end; `.index_select(0, inverse)` restores packing order.
         Computed once per packing on the device of `cu_seqlens`: every layer of the step shares the packing, so the
-        index tensors cross to the GPU once per step, not twice per layer (a copy from pageable host memory may wait
-        for the stream).
+        index tensors cross to the GPU once per step, not twice per layer.
         """
         starts = [0]
         for n in self.seqlens[:-1]:
@@ -66,7 +76,8 @@ class Packing:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel())
         device = self.cu_seqlens.device
-        return tuple((n, len(seqs)) for n, seqs in by_len.items()), order.to(device), inverse.to(device)
+        return (tuple((n, len(seqs)) for n, seqs in by_len.items()), host_to_device(order, device),
+                host_to_device(inverse, device))
 
     @cached_property
     def padded_rows(self) -> torch.Tensor:
@@ -75,7 +86,7 @@ class Packing:
         Only the `sdpa_padded` attention backend pads (a comparison baseline); computed once per packing.
         """
         rows = torch.cat([s * self.max_seqlen + torch.arange(n) for s, n in enumerate(self.seqlens)])
-        return rows.to(self.cu_seqlens.device)
+        return host_to_device(rows, self.cu_seqlens.device)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Packing:
         return Packing(self.seqlens, self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen)

@@ -5,10 +5,15 @@ flags per micro-batch, engine/faults.py), outside the model; PyTorch's AdamW rea
 the host (ours is fused on a GPU and reads none).
 
 The audit is a dispatch mode: every aten op of forward, backward, clipping, optimizer and EMA passes through it, on
-the CPU as on a GPU, with the PyTorch references and with the Triton kernels' wrappers (interpreted here)."""
+the CPU as on a GPU, with the PyTorch references and with the Triton kernels' wrappers (interpreted here).
+
+Copies the other way stall the host too: on a GPU, `.to(device)` without `non_blocking` and `torch.tensor(...,
+device=...)` wait for the stream before returning. On the CPU they are no-ops that no dispatch mode sees, so the
+second audit records the calls themselves, where this project's code makes them."""
 
 import copy
 import traceback
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -49,6 +54,40 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class BlockingCopies:
+    """Records the project's calls that copy to a device and wait (`Tensor.to` with a device and no non_blocking,
+    `torch.tensor` / `torch.as_tensor` with a device) made directly by engine/, models/ or kernels/ (torch's own, in
+    clipping and AdamW, move values between tensors already on one device, or to the host on purpose)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: Counter[str] = Counter()
+        to, tensor, as_tensor = torch.Tensor.to, torch.tensor, torch.as_tensor
+
+        def checked_to(t, *args, **kwargs):
+            device = kwargs.get("device", args[0] if args and isinstance(args[0], (torch.device, str)) else None)
+            waits = not (kwargs.get("non_blocking") or any(a is True for a in args[1:]))
+            if device is not None and waits:
+                self._record("Tensor.to")
+            return to(t, *args, **kwargs)
+
+        def made_on(make, name):
+            def checked(*args, **kwargs):
+                if kwargs.get("device") is not None:
+                    self._record(name)
+                return make(*args, **kwargs)
+            return checked
+
+        monkeypatch.setattr(torch.Tensor, "to", checked_to)
+        monkeypatch.setattr(torch, "tensor", made_on(tensor, "torch.tensor"))
+        monkeypatch.setattr(torch, "as_tensor", made_on(as_tensor, "torch.as_tensor"))
+
+    def _record(self, what: str) -> None:
+        caller = traceback.extract_stack()[-3]  # below this method and the patched function
+        path = Path(caller.filename).resolve()
+        if path.is_relative_to(ROOT) and path.parts[len(ROOT.parts)] in ("engine", "models", "kernels"):
+            self.calls[f"{what} at {path.relative_to(ROOT)}:{caller.lineno}"] += 1
+
+
 @pytest.fixture
 def kernels_default():
     yield kernels.set_default_impl
@@ -79,3 +118,27 @@ def test_the_step_reads_nothing_back_but_adamws_host_counters(kernels_default, m
     stepped = [state["step"] for state in backend.optimizer.state.values()]
     assert sum(counters.values()) == len(stepped) and all(t.device.type == "cpu" for t in stepped)
     assert {k: n for k, n in audit.reads.items() if k not in counters} == {}
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_the_step_copies_to_the_device_without_waiting(kernels_default, monkeypatch, impl):
+    """A step as the loop runs it (the fault guard's check included, masks moved as MicroBatches moves them), after a
+    first one that builds what a run builds once (the EMA kernel's pointer table)."""
+    from engine.faults import StepGuard
+
+    kernels_default(impl)
+    cfg = load_config(ROOT / "configs" / "tiny_synthetic.json", ["--data.batch_size=2"])
+    torch.manual_seed(0)
+    encoder, predictor = build_encoder(cfg), build_predictor(cfg)
+    models = Models(encoder, predictor, copy.deepcopy(encoder).requires_grad_(False))
+    backend = TorchBackend(encoder, predictor, cfg)
+    video = torch.randn(2, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)
+    guard = StepGuard(distributed=False, max_nonfinite=3, device=torch.device("cpu"))
+    for step in range(2):
+        if step == 1:
+            audit = BlockingCopies(monkeypatch)
+        masks = StepMasks.from_mask_set(sample_masks(cfg.mask, cfg.grid, 2, step=step, seed=0, first_sample_index=0))
+        train_step(models, backend, [(video, masks.to(torch.device("cpu"), non_blocking=True))], lr=1e-3, wd=0.04,
+                   momentum=0.99, clip_grad=1.0, loss_exp=1.0, dtype="float32",
+                   proceed=lambda loss: guard.check(loss, step))
+    assert dict(audit.calls) == {}
