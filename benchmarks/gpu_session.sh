@@ -21,8 +21,11 @@
 # on ViT-L/16-224 and ViT-H/16-384 (the tiny config in a dry run) when a checkout of the reference is at
 # $VJEPA_REFERENCE (default .ref/jepa, ignored by git). On the CPU machine, before the device call:
 #   git -C <its mirror from the search tool's fetch> worktree add "$PWD/.ref/jepa" HEAD
-#   bash ../shared/tools/gpu_wheels.sh pyyaml        # the reference's imports need pyyaml
-# then carry [".whl", ".ref"]. Without a checkout the step is skipped, saying so.
+#   git -C .ref/jepa rev-parse HEAD > .ref/jepa/COMMIT   # its .git file names the mirror, which does not travel
+#   bash ../shared/tools/gpu_wheels.sh pyyaml typing-extensions   # the reference's imports need pyyaml; pydantic
+#                                                     # (DeepSpeed's) needs a typing-extensions newer than some images'
+# then carry [".whl", ".ref"] and start the command with GIT_COMMIT=<this commit> written out (the device's copy of
+# the tree has no .git). Without a checkout the step is skipped, saying so.
 # Exit code: the number of steps that failed or ran out of time (0: every step passed or was skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -93,7 +96,7 @@ record() {  # NAME STATUS SECONDS
 # step NAME CAP COMMAND [EXIT_CODE ...]: COMMAND (a bash string) under min(CAP, what the budget has left); the extra
 # exit codes also count as success. A step gets SIGTERM at its limit and SIGKILL 10 s later.
 step() {
-  local name=$1 cap=${CAP[$1]:-$2} cmd=$3 ok=" 0 ${*:4} " left limit t0 rc status
+  local name=$1 cap=${CAP[$1]:-$2} cmd=$3 ok=" 0 ${*:4} " left limit t0 rc status sig
   selected "$name" || return 0
   left=$((BUDGET - (SECONDS - START) - RESERVE))
   if ((left < 10)); then record "$name" no-time 0; return 0; fi
@@ -102,9 +105,12 @@ step() {
   t0=$SECONDS
   : >"$STEP_OUT"
   # benchmarks stop starting new cases a little before the limit (a fifth, at most 20 s), so pytest still ends
-  # normally and writes their JSON; the cases it skipped make the step "partial"
+  # normally and writes their JSON; the cases it skipped make the step "partial". A test still running at the limit
+  # gets SIGINT: pytest stops it and still writes its junit XML and benchmark JSON (SIGTERM would lose both; timeout
+  # handles SIGINT itself, so its child starts with Python's handler even where SIGINT came in ignored)
+  sig=TERM; [[ $cmd == *pytest* ]] && sig=INT
   VJEPA_BENCH_DEADLINE=$(($(date +%s) + limit - (limit / 5 < 20 ? limit / 5 : 20))) \
-    timeout -k 10 "$limit" bash -c "$cmd" 2>&1 | tee -a "$LOG" "$STEP_OUT"
+    timeout -s "$sig" -k 15 "$limit" bash -c "$cmd" 2>&1 | tee -a "$LOG" "$STEP_OUT"
   rc=${PIPESTATUS[0]}
   if ((rc == 124 || rc == 137)); then status=timeout
   elif [[ $ok != *" $rc "* ]]; then status="failed (exit $rc)"

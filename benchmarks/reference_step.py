@@ -135,11 +135,18 @@ def import_reference(path: str | Path) -> SimpleNamespace:
 
 
 def _git_commit(path: Path) -> str | None:
+    """The checkout's commit; where git cannot tell (a worktree carried to the GPU machine without the repository its
+    .git file names), the first line of `COMMIT` beside the code (gpu_session.sh's usage writes it)."""
     try:
         out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
+        out = None
+    if out is not None and out.returncode == 0:
+        return out.stdout.strip()
+    written = path / "COMMIT"
+    if not written.is_file():
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    return written.read_text().split("\n", 1)[0].strip() or None
 
 
 # --------------------------------------------------------------------------------------------------------------------

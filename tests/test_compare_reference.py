@@ -207,3 +207,13 @@ def test_results_are_written_after_every_run_and_missing_sides_give_no_ratio(tmp
     assert "ours truncated (same tokens)   out of memory" in text
     assert "not measured: reference: RuntimeError: boom" in text
     assert "|diff| n/a" in text
+
+
+def test_reference_commit_from_its_commit_file_where_git_cannot_tell(tmp_path):
+    """A worktree carried to the GPU machine: its .git file names a repository that stayed behind."""
+    from benchmarks.reference_step import _git_commit
+
+    (tmp_path / ".git").write_text("gitdir: /nowhere/worktrees/jepa\n")
+    assert _git_commit(tmp_path) is None
+    (tmp_path / "COMMIT").write_text("51c59d518fc63c08464af6de585f78ba0c2ed1e8\n")
+    assert _git_commit(tmp_path) == "51c59d518fc63c08464af6de585f78ba0c2ed1e8"

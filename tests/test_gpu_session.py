@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,23 @@ def test_tests_past_the_session_deadline_skip_naming_it(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "passed" not in proc.stdout and "time budget of the session spent (VJEPA_BENCH_DEADLINE)" in proc.stdout
     assert 'skipped="' in xml.read_text()
+
+
+def test_a_test_stopped_at_the_steps_limit_still_writes_the_junit_xml(tmp_path):
+    """gpu_session.sh stops a pytest step still running at its limit with SIGINT (`timeout -s INT`): pytest ends the
+    session and writes its junit XML, which SIGTERM or SIGKILL would lose. Even where SIGINT comes in ignored (a
+    background job of a non-interactive shell): timeout catches it, so its child starts with the default."""
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["tests.conftest"]\n')
+    (tmp_path / "test_cut.py").write_text("import time\n\ndef test_done():\n    pass\n\n"
+                                          "def test_running_at_the_limit():\n    time.sleep(120)\n")
+    xml = tmp_path / "junit.xml"
+    command = (f"trap '' INT; timeout -s INT -k 20 10 {sys.executable} -m pytest {tmp_path} -q -p no:cacheprovider "
+               f"--junitxml={xml}")
+    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "VJEPA_BENCH_DEADLINE": str(time.time() + 600)})
+    assert proc.returncode == 124, proc.stdout[-3000:] + proc.stderr[-3000:]  # timeout's: the limit was reached
+    report = xml.read_text()
+    assert 'tests="1"' in report and "test_done" in report, report
 
 
 def test_cap_sets_a_steps_limit_and_bad_caps_are_refused(tmp_path):
