@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kernels
 from engine.backends import TorchBackend
 from engine.build import build_encoder, build_predictor
-from engine.config import load_config
+from engine.config import Config, load_config
 from engine.masks import sample_masks
 from engine.packed_masks import StepMasks
 from engine.step import Models, train_step
@@ -88,6 +88,16 @@ class BlockingCopies:
             self.calls[f"{what} at {path.relative_to(ROOT)}:{caller.lineno}"] += 1
 
 
+def _tiny_step() -> tuple[Config, Models, TorchBackend, torch.Tensor]:
+    """The tiny config's networks, optimizer and a 2-clip batch, as the loop builds them."""
+    cfg = load_config(ROOT / "configs" / "tiny_synthetic.json", ["--data.batch_size=2"])
+    torch.manual_seed(0)
+    encoder, predictor = build_encoder(cfg), build_predictor(cfg)
+    models = Models(encoder, predictor, copy.deepcopy(encoder).requires_grad_(False))
+    video = torch.randn(2, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)
+    return cfg, models, TorchBackend(encoder, predictor, cfg), video
+
+
 @pytest.fixture
 def kernels_default():
     yield kernels.set_default_impl
@@ -101,12 +111,7 @@ def test_the_step_reads_nothing_back_but_adamws_host_counters(kernels_default, m
     monkeypatch.setattr(kernels.l1_loss, "INTERPRET_ROWS", 128)
     monkeypatch.setattr(kernels.ema, "INTERPRET_CHUNK", (1 << 20, 1 << 14))
     kernels_default(impl)
-    cfg = load_config(ROOT / "configs" / "tiny_synthetic.json", ["--data.batch_size=2"])
-    torch.manual_seed(0)
-    encoder, predictor = build_encoder(cfg), build_predictor(cfg)
-    models = Models(encoder, predictor, copy.deepcopy(encoder).requires_grad_(False))
-    backend = TorchBackend(encoder, predictor, cfg)
-    video = torch.randn(2, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)
+    cfg, models, backend, video = _tiny_step()
     masks = StepMasks.from_mask_set(sample_masks(cfg.mask, cfg.grid, 2, step=0, seed=0, first_sample_index=0))
     launches = sum(kernels.dispatch.launches.values())
     audit = HostReads()
@@ -127,12 +132,7 @@ def test_the_step_copies_to_the_device_without_waiting(kernels_default, monkeypa
     from engine.faults import StepGuard
 
     kernels_default(impl)
-    cfg = load_config(ROOT / "configs" / "tiny_synthetic.json", ["--data.batch_size=2"])
-    torch.manual_seed(0)
-    encoder, predictor = build_encoder(cfg), build_predictor(cfg)
-    models = Models(encoder, predictor, copy.deepcopy(encoder).requires_grad_(False))
-    backend = TorchBackend(encoder, predictor, cfg)
-    video = torch.randn(2, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)
+    cfg, models, backend, video = _tiny_step()
     guard = StepGuard(distributed=False, max_nonfinite=3, device=torch.device("cpu"))
     for step in range(2):
         if step == 1:
