@@ -5,7 +5,8 @@
   uint8 crops instead of float32 clips (about 4x fewer bytes at 224 px from 256-320 px video, more at 384 px), and the
   workers' CPU time goes to decoding only.
 * Encoded items go through DALI (NVDEC on GPU). One bad sample fails a whole DALI batch, so a failed batch is decoded
-  again with PyAV, sample by sample; a sample PyAV cannot decode either is replaced as the workers would replace it.
+  again one sample at a time, through DALI, and what DALI cannot read with PyAV; a sample PyAV cannot decode either is
+  replaced as the workers would replace it.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class ClipFinisher:
     """`finisher(batch)` -> (B, 3, F, crop, crop) (or (B, num_clips, 3, F, crop, crop)) on `device` in `dtype`.
 
     May replace samples (DALI fallback), in which case it updates `batch.labels`, `batch.paths` and
-    `batch.sample_failures`. When DALI cannot build its pipeline, or fails DALI_FAILURES_TO_GIVE_UP batches in a
-    row, the finisher decodes every later encoded item with PyAV (said once, with the faster way out).
+    `batch.sample_failures`. When DALI cannot build its pipeline, or reads none of the samples of
+    DALI_FAILURES_TO_GIVE_UP failed batches in a row, the finisher decodes every later encoded item with PyAV (said
+    once, with the faster way out).
     """
 
     def __init__(self, dataset: PretrainDataset, device: torch.device, dtype: torch.dtype, dali=None):
@@ -68,30 +70,53 @@ class ClipFinisher:
     def _decode_encoded(self, parts: ClipParts, batch: Batch, out: torch.Tensor) -> None:
         from engine.data.dali_decode import DaliDecodeError, DaliUnavailable
 
-        if self.dali is not None:
-            try:
-                clips = self.dali.decode(parts.encoded, parts.encoded_indices, parts.encoded_boxes,
-                                         parts.encoded_flips)
-                # the slots as a device tensor copied without a stream sync (a list index would be copied blocking)
-                slots = torch.tensor(parts.encoded_slots).to(self.device, non_blocking=True)
-                out.index_copy_(0, slots, clips.to(self.device, self.dtype, non_blocking=True))
-                self.dali_failures = 0
-                return
-            except DaliDecodeError as e:
-                self.dali_failures += 1
-                logger.warning("DALI failed on step %d (%s); decoding its %d clips again with PyAV", batch.step, e,
-                               len(parts.encoded_slots))
-                if isinstance(e, DaliUnavailable) or self.dali_failures >= DALI_FAILURES_TO_GIVE_UP:
-                    self.dali = None
-                    logger.warning("DALI is off for the rest of the run (%s); its clips are decoded with PyAV in "
-                                   "the training process, slower than the loader's workers would: rerun with "
-                                   "data.decoder=pyav", "its pipeline does not build here"
-                                   if isinstance(e, DaliUnavailable) else f"{self.dali_failures} batches in a row")
         by_sample: dict[int, list[int]] = {}
         for item, slot in enumerate(parts.encoded_slots):
             by_sample.setdefault(slot // parts.num_clips, []).append(item)
+        if self.dali is not None:
+            try:
+                self._dali_into(parts, list(range(len(parts.encoded))), out)
+                self.dali_failures = 0
+                return
+            except DaliUnavailable as e:
+                logger.warning("DALI failed on step %d (%s)", batch.step, e)
+                self._dali_off("its pipeline does not build here")
+            except DaliDecodeError as e:
+                # one file NVDEC cannot read (a codec profile, a size or a container this GPU's decoder lacks, a
+                # corrupt stream) fails the whole batch: the others still go through DALI, one sample at a time
+                logger.warning("DALI failed on step %d (%s); decoding its %d samples one at a time", batch.step, e,
+                               len(by_sample))
+                failed = {b: items for b, items in by_sample.items() if not self._dali_sample(parts, batch, out, b,
+                                                                                               items)}
+                # DALI is broken here only if it reads none of them; else the failures are files
+                self.dali_failures = self.dali_failures + 1 if len(failed) == len(by_sample) else 0
+                if self.dali_failures >= DALI_FAILURES_TO_GIVE_UP:
+                    self._dali_off(f"{self.dali_failures} batches in a row")
+                by_sample = failed
         for b, items in by_sample.items():
             self._pyav_fallback(parts, batch, out, b, items)
+
+    def _dali_into(self, parts: ClipParts, items: list[int], out: torch.Tensor) -> None:
+        clips = self.dali.decode([parts.encoded[i] for i in items], [parts.encoded_indices[i] for i in items],
+                                 [parts.encoded_boxes[i] for i in items], [parts.encoded_flips[i] for i in items])
+        # the slots as a device tensor copied without a stream sync (a list index would be copied blocking)
+        slots = torch.tensor([parts.encoded_slots[i] for i in items]).to(self.device, non_blocking=True)
+        out.index_copy_(0, slots, clips.to(self.device, self.dtype, non_blocking=True))
+
+    def _dali_sample(self, parts: ClipParts, batch: Batch, out: torch.Tensor, b: int, items: list[int]) -> bool:
+        from engine.data.dali_decode import DaliDecodeError
+
+        try:
+            self._dali_into(parts, items, out)
+            return True
+        except DaliDecodeError as e:
+            logger.warning("DALI cannot decode %s (%s); decoding it with PyAV", batch.paths[b], e)
+            return False
+
+    def _dali_off(self, why: str) -> None:
+        self.dali = None
+        logger.warning("DALI is off for the rest of the run (%s); its clips are decoded with PyAV in the training "
+                       "process, slower than the loader's workers would: rerun with data.decoder=pyav", why)
 
     def _pyav_fallback(self, parts: ClipParts, batch: Batch, out: torch.Tensor, b: int, items: list[int]) -> None:
         """Decode sample `b`'s planned clips with PyAV; if that fails too, load a replacement sample."""
