@@ -295,3 +295,13 @@ else:
     raise AssertionError("no ImportError")
 """
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True, text=True)
+
+
+def test_av1_goes_to_nvdec_only_where_it_decodes_av1():
+    from engine.data.dali_decode import dali_codecs
+
+    for capability, av1 in (((8, 0), False), ((8, 6), True), ((8, 9), True), ((9, 0), False), ((10, 0), True),
+                            ((12, 1), True)):
+        assert ("av1" in dali_codecs("gpu", capability)) == av1, capability
+        assert {"h264", "hevc", "vp9"} <= dali_codecs("gpu", capability)
+    assert "av1" not in dali_codecs("cpu") and "h264" not in dali_codecs("cpu")

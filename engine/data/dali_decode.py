@@ -39,6 +39,19 @@ DALI_CODECS: dict[str, frozenset[str]] = {
     "gpu": frozenset({"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"}),
 }
 
+# NVDEC decodes AV1 on Ampere's GA10x (compute capability 8.6), Orin (8.7), Ada (8.9) and Blackwell (10 and up), not
+# on A100 (8.0) or Hopper (9.0) (NVIDIA's NVDEC application note, Video Codec SDK 13): there it goes to PyAV.
+_AV1_NVDEC = ((8, 6), (8, 7), (8, 9))
+
+
+def dali_codecs(device: str, capability: tuple[int, int] | None = None) -> frozenset[str]:
+    """The codecs DALI's decoder reads on `device` ("cpu" or "gpu"; the GPU's compute capability, (major, minor))."""
+    codecs = DALI_CODECS[device]
+    if device == "gpu" and capability is not None and not (capability in _AV1_NVDEC or capability[0] >= 10):
+        codecs = codecs - {"av1"}
+    return codecs
+
+
 _INSTALL_HINT = ("NVIDIA DALI is not installed: pip install nvidia-dali-cuda130 (or the `dali` extra of this "
                  "package), or decode with PyAV: data.decoder=pyav")
 

@@ -84,10 +84,11 @@ _dali_decoders: dict[str, object] = {}  # one DALI pipeline per worker process: 
 def decode_all_dali(probe: Probe) -> tuple[str, str]:
     """`(reason, note)` of a full DALI decode of `probe.path`, or of PyAV's for a codec DALI cannot decode here."""
     import torch
-    from engine.data.dali_decode import DALI_CODECS, DaliClipDecoder, DaliDecodeError
+    from engine.data.dali_decode import DaliClipDecoder, DaliDecodeError, dali_codecs
 
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    if codec_of(probe.codec) not in DALI_CODECS[device]:
+    capability = torch.cuda.get_device_capability() if device == "gpu" else None
+    if codec_of(probe.codec) not in dali_codecs(device, capability):
         return decode_all_pyav(probe.path), f"pyav fallback: DALI ({device}) cannot decode {probe.codec}"
     if device not in _dali_decoders:
         _dali_decoders[device] = DaliClipDecoder(crop_size=DALI_CROP, frames_per_clip=DALI_CHUNK, device=device,

@@ -95,10 +95,10 @@ def build_training_data(cfg: Config, index: VideoIndex, *, rank: int, world: int
     dali = None
     dali_codecs: frozenset[str] = frozenset()
     if decoder == "dali":
-        from engine.data.dali_decode import DALI_CODECS, DaliClipDecoder
+        from engine.data.dali_decode import DaliClipDecoder, dali_codecs as codecs_on
 
         dali_device = "gpu" if cuda else "cpu"
-        dali_codecs = DALI_CODECS[dali_device]
+        dali_codecs = codecs_on(dali_device, torch.cuda.get_device_capability(device) if cuda else None)
         dali = DaliClipDecoder(crop_size=d.crop_size, frames_per_clip=d.num_frames, device=dali_device,
                                max_batch_size=d.batch_size * d.num_clips, num_threads=max(2, min(d.num_workers, 8)),
                                device_id=device.index if cuda else None)
