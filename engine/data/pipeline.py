@@ -92,6 +92,7 @@ def build_training_data(cfg: Config, index: VideoIndex, *, rank: int, world: int
     probes.load()
     decoder = choose_decoder(d.decoder, device)
     cuda = device.type == "cuda"
+    dtype = getattr(torch, cfg.meta.dtype) if cuda else torch.float32  # the step's autocast dtype
     dali = None
     dali_codecs: frozenset[str] = frozenset()
     if decoder == "dali":
@@ -101,7 +102,7 @@ def build_training_data(cfg: Config, index: VideoIndex, *, rank: int, world: int
         dali_codecs = codecs_on(dali_device, torch.cuda.get_device_capability(device) if cuda else None)
         dali = DaliClipDecoder(crop_size=d.crop_size, frames_per_clip=d.num_frames, device=dali_device,
                                max_batch_size=d.batch_size * d.num_clips, num_threads=max(2, min(d.num_workers, 8)),
-                               device_id=device.index if cuda else None)
+                               device_id=device.index if cuda else None, dtype=dtype)
     output = "encoded" if decoder == "dali" else ("crop" if cuda else "clip")
     timed = d.clip_duration is not None or d.fps is not None
     dataset = PretrainDataset(index, frames_per_clip=d.num_frames, num_clips=d.num_clips, crop_size=d.crop_size,
@@ -114,7 +115,6 @@ def build_training_data(cfg: Config, index: VideoIndex, *, rank: int, world: int
     loader = build_loader(dataset, global_batch_size=d.batch_size * world * accumulation, rank=rank, world_size=world,
                           make_masks=make_masks, num_workers=d.num_workers, start_step=start_step,
                           num_steps=num_steps, pin_memory=d.pin_mem and cuda, accumulation_steps=accumulation)
-    dtype = getattr(torch, cfg.meta.dtype) if cuda else torch.float32  # the step's autocast dtype
     # Judge the bad fraction after 100 attempts, or after as many as the index has entries when it is smaller.
     report = BadVideoReport(folder, rank, d.max_bad_fraction, min_attempts=min(100, len(index)))
     return TrainingData(loader, ClipFinisher(dataset, device, dtype, dali), report, probes, decoder, rank == 0)
