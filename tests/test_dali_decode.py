@@ -247,9 +247,11 @@ def test_gpu_without_cuda_device_is_a_clear_error(dali):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() == 0, reason="needs a GPU with NVDEC")
-def test_gpu_matches_cpu(dali, tmp_path):
-    # NVDEC refuses tiny frames (VP9 needs at least 128 x 128 px), hence a larger video than the others here.
-    height, width = 144, 160
+@pytest.mark.parametrize("height,width", [(144, 160), (145, 161)])
+def test_gpu_matches_cpu(dali, tmp_path, height, width):
+    """NVDEC refuses tiny frames (VP9 needs at least 128 x 128 px), hence a larger video than the others here. Odd
+    sizes (VP8/VP9/AV1 allow them: SSv2's 427 x 240): DALI's NV12 -> RGB kernel writes 2 x 2 pixel blocks, and the
+    source's last column and row are where a block would spill into the next row's first pixel or past the frame."""
     write_video(tmp_path / "large.webm", plain, height, width)
     data = np.fromfile(tmp_path / "large.webm", dtype=np.uint8)
     arguments = ([data] * 3, [np.array([0, 3, 3, 23])] * 3, [(0, 0, height, width), (5, 7, 33, 121), (20, 0, 9, 11)],
@@ -261,6 +263,8 @@ def test_gpu_matches_cpu(dali, tmp_path):
     for clip in gpu.cpu():
         assert frame_numbers(clip).tolist() == [0, 3, 3, 23]
     assert (gpu.cpu() - cpu).abs().mean() < 0.05  # NVDEC's colour conversion may differ from the CPU one by a level
+    # the whole frame's first and last output columns (clip 0, not flipped): a spilled block would show there
+    assert (gpu.cpu() - cpu)[0, ..., 0].abs().mean() < 0.1 and (gpu.cpu() - cpu)[0, ..., -1].abs().mean() < 0.1
 
 
 # ------------------------------------------------------------------------------------------- lazy import and build
