@@ -108,7 +108,7 @@ step() {
   # normally and writes their JSON; the cases it skipped make the step "partial". A test still running at the limit
   # gets SIGINT: pytest stops it and still writes its junit XML and benchmark JSON (SIGTERM would lose both; timeout
   # handles SIGINT itself, so its child starts with Python's handler even where SIGINT came in ignored)
-  sig=TERM; [[ $cmd == *pytest* ]] && sig=INT
+  sig=TERM; [[ $cmd == *" -m pytest "* ]] && sig=INT
   VJEPA_BENCH_DEADLINE=$(($(date +%s) + limit - (limit / 5 < 20 ? limit / 5 : 20))) \
     timeout -s "$sig" -k 15 "$limit" bash -c "$cmd" 2>&1 | tee -a "$LOG" "$STEP_OUT"
   rc=${PIPESTATUS[0]}

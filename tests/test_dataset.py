@@ -238,6 +238,7 @@ def test_collate_rejects_non_consecutive_indices():
     assert batch.step == 1 and batch.labels.tolist() == [5] and batch.paths == ["a.webm"]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning memory needs an accelerator")
 def test_batch_pin_memory():
     class Masks:

@@ -71,6 +71,7 @@ def test_gpu_fp32_and_bf16_targets():
         exact = [0.998 * t.double() + 0.002 * o.double() for t, o in zip(target, online)]
         ema_(target, online, 0.998, impl="triton")
         for t, e in zip(target, exact):
-            # one rounding to the target dtype
-            tol = 1e-6 if t_dtype == torch.float32 else 8e-3
-            torch.testing.assert_close(t.double(), e, atol=tol, rtol=tol)
+            # one rounding to the target dtype: 2^-8 relative in bf16, below the update itself (0.002 |o - t|), so a
+            # kernel that skips the update, rounds the momentum or computes in bf16 fails
+            rtol, atol = (1e-6, 1e-6) if t_dtype == torch.float32 else (5e-3, 1e-6)
+            torch.testing.assert_close(t.double(), e, atol=atol, rtol=rtol)
