@@ -38,6 +38,16 @@ def _deadline() -> None:
         pytest.skip("time budget of the session spent (VJEPA_BENCH_DEADLINE)")
 
 
+@pytest.fixture(autouse=True)
+def _normal_scheduling():
+    """A test that leaves this process under a realtime scheduling policy (SVT-AV1's encoder does so to its caller when
+    run as root) fails here, rather than the suite hanging later: subprocesses inherit the policy, and two spinning
+    realtime ranks on two cores starve each other."""
+    yield
+    if hasattr(os, "sched_getscheduler"):
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER, "this test left the process under a realtime scheduler"
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     return ensure_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), SMALL_SPEC, progress=False)

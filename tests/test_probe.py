@@ -2,12 +2,16 @@
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 
 from engine.data.index import read_index
 from engine.data.probe import Probe, ProbeTable, cache_path, codec_of, probe_file, within_size_limits
 from tests.video_faults import make_bad_files, write_image, write_video
+
+from .conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +89,20 @@ def test_probe_is_plain_data():
     assert probe.duration == 2.0 and Probe("b.mp4", False, "missing: x").duration == 0.0
 
 
+def av1_video(path, num_frames: int) -> str:
+    """An AV1 clip, encoded in a child process: SVT-AV1, run as root, switches its caller's thread to SCHED_FIFO 99,
+    which every later subprocess of the suite would inherit (two DeepSpeed ranks spinning in BLAS at realtime
+    priority on two cores starve each other: the CI hung in test_train)."""
+    subprocess.run([sys.executable, "-c", f"from tests.video_faults import write_video; write_video({str(path)!r}, "
+                    f"{num_frames}, codec='libsvtav1')"], cwd=ROOT, check=True, capture_output=True, timeout=120,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return str(path)
+
+
 def test_av1_is_recorded_as_its_codec_whichever_decoder_ffmpeg_picks(tmp_path):
     """PyAV's FFmpeg decodes AV1 with libdav1d; the probe records the codec ("av1", what DALI's NVDEC list names),
     and a cache written with the decoder's name reads as the same codec."""
-    probe = probe_file(write_video(tmp_path / "a.mkv", 6, codec="libsvtav1"))
+    probe = probe_file(av1_video(tmp_path / "a.mkv", 6))
     assert (probe.ok, probe.codec) == (True, "av1")
     assert codec_of("libdav1d") == "av1" and codec_of("libvpx-vp9") == "vp9" and codec_of("h264") == "h264"
 
@@ -96,7 +110,7 @@ def test_av1_is_recorded_as_its_codec_whichever_decoder_ffmpeg_picks(tmp_path):
 def test_an_av1_entry_from_an_older_cache_still_goes_to_dali(tmp_path):
     from engine.data.dataset import PretrainDataset
 
-    path = write_video(tmp_path / "a.mkv", 12, codec="libsvtav1")
+    path = av1_video(tmp_path / "a.mkv", 12)
     index_file = tmp_path / "train.csv"
     index_file.write_text(f"{path} 0\n")
     index = read_index([str(index_file)])
